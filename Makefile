@@ -1,0 +1,38 @@
+# Quick start: `make demo` (the main job) and `make test` (the whole suite), on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned, so pip takes the CPU build on disk instead of pulling CUDA wheels
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[test,bench]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/glassformer trace --example two-heads
+	$(VENV)/bin/glassformer trace --prompt "To be, or not to be"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.bench-installed
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The cells of a transformer, one family per module: embed, position, norm, attention, mlp, block."""

@@ -1,0 +1,197 @@
+"""Cells 3-6 and 10, attention: Q/K/V projections, scores, mask, softmax, weighted sum, W_O merge.
+
+Fast by default, visible on request: the fused kernel (`scaled_dot_product_attention`) runs unless
+someone hooks `hook_attn_scores` or `hook_pattern`; the per-head `result` (n_heads times larger
+than the merged output) exists only when `hook_result` is hooked.
+
+Legend: batch, pos (queries), k_pos (keys), n_heads, n_kv_heads, d_head, d_model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glassformer.cells.position import Rotary
+from glassformer.cells.views import WeightView
+from glassformer.config import Config
+from glassformer.hooks import HookPoint
+
+
+class AttentionMask:
+    """Which keys a query may attend to, from key padding: built once per forward, shared by layers.
+
+    `key_valid` is `(batch, k_pos)` bool, or None when no key is padding. A query with no visible key
+    (a padding query under left padding) is allowed every key, so its row stays finite.
+    """
+
+    def __init__(self, key_valid: Tensor | None) -> None:
+        self.key_valid = key_valid
+        self._dense: dict[tuple[bool, int, int], Tensor | None] = {}
+
+    def allowed(self, causal: bool, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+        """(batch or 1, 1, q_pos, k_pos) bool, or None when every key is visible to every query.
+
+        Queries are the last q_len of k_len positions, as when decoding with a cache.
+        """
+        key = (causal, q_len, k_len)
+        if key not in self._dense:
+            mask = None
+            if causal:
+                q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+                mask = (torch.arange(k_len, device=device)[None, :] <= q_idx)[None, None]  # (1, 1, pos, k_pos)
+            if self.key_valid is not None:
+                keys = self.key_valid[:, None, None, :]  # (batch, 1, 1, k_pos)
+                mask = keys if mask is None else mask & keys  # (batch, 1, pos, k_pos)
+                mask = mask | ~mask.any(-1, keepdim=True)
+            self._dense[key] = mask
+        return self._dense[key]
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention; self-attention, or cross-attention reading K/V from
+    another sequence (the encoder output)."""
+
+    def __init__(self, cfg: Config, causal: bool, rotary: Rotary | None = None) -> None:
+        super().__init__()
+        self.causal = causal
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.q_size, self.kv_size = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
+        self.scale = 1.0 / math.sqrt(cfg.d_head)
+        self.dropout = cfg.dropout
+        # Q, K and V stored as one (out_features, in_features) matrix: one matmul on the hot path.
+        self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, cfg.d_model))
+        self.qkv_bias = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size)) if cfg.bias else None
+        self.o_weight = nn.Parameter(torch.empty(cfg.d_model, self.q_size))
+        self.b_O = nn.Parameter(torch.empty(cfg.d_model)) if cfg.bias else None
+        self.rotary = rotary  # shared by all layers; holds only non-persistent tables
+
+        self.hook_q = HookPoint()  # (batch, pos, n_heads, d_head)
+        self.hook_k = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
+        self.hook_v = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
+        if rotary is not None:
+            self.hook_rot_q = HookPoint()  # (batch, pos, n_heads, d_head), after rotation
+            self.hook_rot_k = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
+        self.hook_attn_scores = HookPoint()  # (batch, n_heads, pos, k_pos), scaled and masked
+        self.hook_pattern = HookPoint()  # (batch, n_heads, pos, k_pos), softmax of the scores
+        self.hook_z = HookPoint()  # (batch, pos, n_heads, d_head)
+        self.hook_result = HookPoint()  # (batch, pos, n_heads, d_model), each head's write
+
+    # TransformerLens-shaped views of the stored weights (see cells/views.py).
+    def _part(self, tensor: Tensor | None, start: int, size: int) -> Tensor | None:
+        return None if tensor is None else tensor[start : start + size]
+
+    @WeightView
+    def W_Q(self) -> Tensor:
+        """(n_heads, d_model, d_head)"""
+        return self.qkv_weight[: self.q_size].view(self.n_heads, self.d_head, -1).transpose(1, 2)
+
+    @WeightView
+    def W_K(self) -> Tensor:
+        """(n_kv_heads, d_model, d_head)"""
+        w = self.qkv_weight[self.q_size : self.q_size + self.kv_size]
+        return w.view(self.n_kv_heads, self.d_head, -1).transpose(1, 2)
+
+    @WeightView
+    def W_V(self) -> Tensor:
+        """(n_kv_heads, d_model, d_head)"""
+        w = self.qkv_weight[self.q_size + self.kv_size :]
+        return w.view(self.n_kv_heads, self.d_head, -1).transpose(1, 2)
+
+    @WeightView
+    def b_Q(self) -> Tensor | None:
+        """(n_heads, d_head)"""
+        b = self._part(self.qkv_bias, 0, self.q_size)
+        return None if b is None else b.view(self.n_heads, self.d_head)
+
+    @WeightView
+    def b_K(self) -> Tensor | None:
+        """(n_kv_heads, d_head)"""
+        b = self._part(self.qkv_bias, self.q_size, self.kv_size)
+        return None if b is None else b.view(self.n_kv_heads, self.d_head)
+
+    @WeightView
+    def b_V(self) -> Tensor | None:
+        """(n_kv_heads, d_head)"""
+        b = self._part(self.qkv_bias, self.q_size + self.kv_size, self.kv_size)
+        return None if b is None else b.view(self.n_kv_heads, self.d_head)
+
+    @WeightView
+    def W_O(self) -> Tensor:
+        """(n_heads, d_head, d_model)"""
+        return self.o_weight.view(-1, self.n_heads, self.d_head).permute(1, 2, 0)
+
+    def project(self, x: Tensor, kv_input: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Cell 3: q from x; k and v from x (self-attention) or from kv_input (cross-attention)."""
+        batch, pos, _ = x.shape
+        if kv_input is None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (batch, pos, (n_heads + 2 n_kv_heads) d_head)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q_bias = self._part(self.qkv_bias, 0, self.q_size)
+            kv_bias = self._part(self.qkv_bias, self.q_size, 2 * self.kv_size)
+            q = F.linear(x, self.qkv_weight[: self.q_size], q_bias)  # (batch, pos, n_heads d_head)
+            kv = F.linear(kv_input, self.qkv_weight[self.q_size :], kv_bias)  # (batch, k_pos, 2 n_kv_heads d_head)
+            k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
+        q = q.view(batch, pos, self.n_heads, self.d_head)  # (batch, pos, n_heads, d_head)
+        k = k.view(batch, -1, self.n_kv_heads, self.d_head)  # (batch, k_pos, n_kv_heads, d_head)
+        v = v.view(batch, -1, self.n_kv_heads, self.d_head)
+        return q, k, v
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: AttentionMask | None = None,
+        positions: Tensor | None = None,
+        kv_input: Tensor | None = None,
+    ) -> Tensor:
+        """x (batch, pos, d_model) -> attention output (batch, pos, d_model)."""
+        q, k, v = self.project(x, kv_input)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.rotary is not None:
+            q = self.hook_rot_q(self.rotary(q, positions))
+            k = self.hook_rot_k(self.rotary(k, positions))
+        mask = mask or AttentionMask(None)
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[1], q.device))
+        else:
+            z = self._fused(q, k, v, mask)
+        z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
+        if self.hook_result.active:
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)
+            out = result.sum(dim=2)
+            return out if self.b_O is None else out + self.b_O
+        return F.linear(z.flatten(2), self.o_weight, self.b_O)  # (batch, pos, d_model)
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""
+        is_causal = self.causal and mask.key_valid is None and q.shape[1] == k.shape[1]
+        allowed = None if is_causal else mask.allowed(self.causal, q.shape[1], k.shape[1], q.device)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
+            k.transpose(1, 2),  # (batch, n_kv_heads, k_pos, d_head)
+            v.transpose(1, 2),
+            attn_mask=allowed,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (batch, n_heads, pos, d_head)
+        return z.transpose(1, 2)  # (batch, pos, n_heads, d_head)
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """Cells 4-5 step by step: dot product, scale, mask, softmax, weighted sum of values."""
+        if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # (batch, k_pos, n_heads, d_head)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale  # (batch, n_heads, pos, k_pos)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, n_heads, pos, k_pos)
+        if self.training and self.dropout:
+            pattern = F.dropout(pattern, self.dropout)
+        return torch.einsum("bhqk,bkhd->bqhd", pattern, v)  # (batch, pos, n_heads, d_head)

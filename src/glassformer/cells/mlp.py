@@ -1,0 +1,68 @@
+"""Cell 8, the feed-forward network: `act(x @ W_in + b_in) @ W_out + b_out`, or gated (SwiGLU):
+`(silu(x @ W_gate) * (x @ W_in + b_in)) @ W_out + b_out`.
+
+Legend: batch, pos, d_model, d_mlp.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from glassformer.cells.views import WeightView
+from glassformer.config import Config
+from glassformer.hooks import HookPoint
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "swiglu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    """Two linear maps around a pointwise non-linearity, applied to every position alone."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.act]
+        # Stored (out_features, in_features) for F.linear; W_in/W_gate/W_out are transposed views.
+        self.in_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
+        self.gate_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model)) if cfg.gated else None
+        self.out_weight = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
+        self.b_in = nn.Parameter(torch.empty(cfg.d_mlp)) if cfg.bias else None
+        self.b_out = nn.Parameter(torch.empty(cfg.d_model)) if cfg.bias else None
+        self.hook_pre = HookPoint()  # (batch, pos, d_mlp): the input of the non-linearity
+        if cfg.gated:
+            self.hook_pre_linear = HookPoint()  # (batch, pos, d_mlp): the ungated branch
+        self.hook_post = HookPoint()  # (batch, pos, d_mlp)
+
+    @WeightView
+    def W_in(self) -> Tensor:
+        """(d_model, d_mlp)"""
+        return self.in_weight.T
+
+    @WeightView
+    def W_gate(self) -> Tensor | None:
+        """(d_model, d_mlp), SwiGLU only"""
+        return None if self.gate_weight is None else self.gate_weight.T
+
+    @WeightView
+    def W_out(self) -> Tensor:
+        """(d_mlp, d_model)"""
+        return self.out_weight.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_weight is None:
+            pre = self.hook_pre(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
+            post = self.hook_post(self.act(pre))
+        else:
+            pre = self.hook_pre(F.linear(x, self.gate_weight))  # (batch, pos, d_mlp)
+            linear = self.hook_pre_linear(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
+            post = self.hook_post(self.act(pre) * linear)
+        return F.linear(post, self.out_weight, self.b_out)  # (batch, pos, d_model)

@@ -1,0 +1,121 @@
+"""`Config`: every architectural choice of a model in one validated dataclass.
+
+Derived sizes (d_head, n_kv_heads, d_mlp, n_decoder_layers, rotary_dim) are filled in once, in
+`__post_init__`, so no cell ever recomputes them. A bad value raises `ValueError` naming the field,
+the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHS = ("encoder", "decoder", "encoder-decoder")
+POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
+NORMS = ("layernorm", "rmsnorm", "none")
+NORM_POSITIONS = ("pre", "post")
+ACTS = ("relu", "gelu", "gelu_new", "silu", "swiglu")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Config.{name}={value!r} must be a positive integer")
+
+
+@dataclass
+class Config:
+    """The shape and wiring of a transformer; `Transformer(cfg)` builds it."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_vocab: int
+    n_ctx: int
+    arch: str = "decoder"
+    n_decoder_layers: int | None = None  # encoder-decoder only; defaults to n_layers
+    d_head: int | None = None  # defaults to d_model // n_heads
+    n_kv_heads: int | None = None  # defaults to n_heads; fewer = grouped-query, 1 = multi-query
+    d_mlp: int | None = None  # defaults to 4 * d_model
+    positional: str = "learned"
+    rotary_base: float = 10000.0
+    rotary_dim: int | None = None  # rotated dims per head; defaults to d_head (partial rotary if less)
+    norm: str = "layernorm"
+    norm_position: str = "pre"
+    eps: float = 1e-5
+    act: str = "gelu"
+    attn_only: bool = False
+    bias: bool = True
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    init_std: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. the source checkpoint)
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ARCHS)
+        _choice("positional", self.positional, POSITIONALS)
+        _choice("norm", self.norm, NORMS)
+        _choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _choice("act", self.act, ACTS)
+        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
+            _positive(name, getattr(self, name))
+
+        if self.d_head is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"Config.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                    "pass d_head explicitly or choose n_heads dividing d_model"
+                )
+            self.d_head = self.d_model // self.n_heads
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_mlp is None:
+            self.d_mlp = 4 * self.d_model
+        if self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+        if self.rotary_dim is None:
+            self.rotary_dim = self.d_head
+        for name in ("d_head", "n_kv_heads", "d_mlp", "n_decoder_layers", "rotary_dim"):
+            _positive(name, getattr(self, name))
+
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"Config.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}: "
+                "each key/value head serves a whole group of query heads"
+            )
+        if self.positional == "rotary" and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
+            raise ValueError(f"Config.rotary_dim={self.rotary_dim} must be even and at most d_head={self.d_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"Config.eps={self.eps!r} must be positive")
+        if not self.rotary_base > 0:
+            raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP has a gate (SwiGLU: `silu(x @ W_gate) * (x @ W_in)`)."""
+        return self.act == "swiglu"
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head (1 for plain multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field (derived ones included)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Inverse of `to_dict`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Config got unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

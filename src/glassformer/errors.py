@@ -1,0 +1,13 @@
+"""The one exception family of glassformer: catch `GlassformerError` to catch them all."""
+
+
+class GlassformerError(Exception):
+    """Base of every glassformer-specific failure."""
+
+
+class HookError(GlassformerError, ValueError):
+    """A hook name that does not exist, or a hook that returned something unusable."""
+
+
+class InputError(GlassformerError, ValueError):
+    """Tokens, masks or residual tensors the model cannot run on."""

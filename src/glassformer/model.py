@@ -1,0 +1,136 @@
+"""`Transformer`: embedding, one stack of blocks (two for encoder-decoder), output head.
+
+Decoder-only and encoder-only models carry their stack's parts at top level, so hooks are named as
+in TransformerLens (`blocks.0.attn.hook_pattern`); an encoder-decoder model has `encoder.blocks.…`
+and `decoder.blocks.…`. Legend: batch, pos, d_model, d_vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from glassformer.cells.attention import AttentionMask
+from glassformer.cells.block import Block
+from glassformer.cells.embed import Embed, Unembed
+from glassformer.cells.norm import make_norm
+from glassformer.cells.position import PosEmbed, Rotary
+from glassformer.config import Config
+from glassformer.errors import InputError
+from glassformer.hooks import HookedRoot, HookPoint
+from glassformer.inputs import check_mask, check_tokens
+
+
+def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
+    """Give `module` the parts of a stack: embedding hooks, `blocks`, `ln_final`."""
+    module.hook_embed = HookPoint()  # (batch, pos, d_model)
+    if cfg.positional in ("learned", "sinusoidal"):
+        module.hook_pos_embed = HookPoint()  # (batch, pos, d_model)
+    module.blocks = nn.ModuleList(Block(cfg, causal, cross, rotary) for _ in range(n_layers))
+    # Post-norm blocks end normalised already; pre-norm stacks need a last norm before the head.
+    module.ln_final = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+
+
+class Stack(nn.Module):
+    """The encoder or the decoder of an encoder-decoder model."""
+
+    def __init__(self, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
+        super().__init__()
+        add_stack(self, cfg, n_layers, causal, cross, rotary)
+
+
+class Transformer(HookedRoot):
+    """A transformer built from a `Config`; every intermediate is a named hook point."""
+
+    def __init__(self, cfg: Config, seed: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
+        rotary = Rotary(cfg) if cfg.positional == "rotary" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.arch == "encoder-decoder":
+            self.encoder = Stack(cfg, cfg.n_layers, causal=False, cross=False, rotary=rotary)
+            self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=True, rotary=rotary)
+        else:
+            add_stack(self, cfg, cfg.n_layers, causal=cfg.arch == "decoder", cross=False, rotary=rotary)
+        self.unembed = Unembed(cfg, self.embed)
+        self.hook_logits = HookPoint()  # (batch, pos, d_vocab)
+        init_weights(self, seed)
+        self.setup_hooks()
+
+    def forward(
+        self,
+        tokens: Tensor,
+        tgt: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits `(batch, pos, d_vocab)`; encoder-decoder: `model(src, tgt)`, logits over tgt positions.
+
+        `attention_mask` (batch, pos) is 1 for real tokens and 0 for padding, as in Hugging Face.
+        With padding, absolute and rotary positions count real tokens only, so a left-padded row
+        computes what the same sequence computes alone.
+        """
+        if self.cfg.arch != "encoder-decoder":
+            if tgt is not None or decoder_attention_mask is not None:
+                raise InputError(f"a {self.cfg.arch} model takes one token tensor; tgt is for encoder-decoder")
+            return self.hook_logits(self.unembed(self.encode(tokens, attention_mask)))
+        if tgt is None:
+            raise InputError("an encoder-decoder model runs as model(src, tgt): pass the decoder tokens as tgt")
+        src, src_mask = self._prepare(tokens, attention_mask, "src")
+        tgt, tgt_mask = self._prepare(tgt, decoder_attention_mask, "tgt")
+        encoder_out = self._run_stack(self.encoder, src, src_mask)
+        resid = self._run_stack(self.decoder, tgt, tgt_mask, encoder_out, src_mask)
+        return self.hook_logits(self.unembed(resid))
+
+    def encode(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The final residual stream `(batch, pos, d_model)` before the head; for an
+        encoder-decoder model, the encoder's output that cross-attention reads."""
+        stack = self.encoder if self.cfg.arch == "encoder-decoder" else self
+        return self._run_stack(stack, *self._prepare(tokens, attention_mask, "tokens"))
+
+    def _prepare(self, tokens: Tensor, attention_mask: Tensor | None, name: str) -> tuple[Tensor, AttentionMask]:
+        """Checked `(batch, pos)` token ids and their padding mask."""
+        tokens = check_tokens(tokens, self.cfg, name)
+        return tokens, AttentionMask(check_mask(attention_mask, tokens, f"the attention mask of {name}"))
+
+    def _run_stack(
+        self,
+        stack: nn.Module,
+        tokens: Tensor,
+        mask: AttentionMask,
+        encoder_out: Tensor | None = None,
+        encoder_mask: AttentionMask | None = None,
+    ) -> Tensor:
+        batch, pos = tokens.shape
+        positions = None if mask.key_valid is None else (mask.key_valid.cumsum(-1) - 1).clamp(min=0)
+        resid = stack.hook_embed(self.embed(tokens))  # (batch, pos, d_model)
+        if self.pos_embed is not None:
+            resid = resid + stack.hook_pos_embed(self.pos_embed(positions, batch, pos))
+        resid = self.drop(resid)
+        for block in stack.blocks:
+            resid = block(resid, mask, positions, encoder_out, encoder_mask)
+        return stack.ln_final(resid)  # (batch, pos, d_model)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int | None = None) -> None:
+    """GPT-2 initialisation: N(0, init_std) matrices, zero biases, unit norm gains; the projections
+    that write into the residual stream (W_O, W_out) scaled by 1/sqrt(number of such writes)."""
+    cfg = model.cfg
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    layers = cfg.n_layers + (cfg.n_decoder_layers if cfg.arch == "encoder-decoder" else 0)
+    writes = layers * (1 if cfg.attn_only else 2)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "w":
+            param.fill_(1.0)
+        elif leaf.startswith("b"):
+            param.zero_()
+        else:
+            std = cfg.init_std / math.sqrt(writes) if leaf in ("o_weight", "out_weight") else cfg.init_std
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
