@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from glassformer.errors import HookError
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
-NameFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+NameFilter = str | Sequence[str] | Callable[[str], bool] | None
 HookSpec = tuple[str | Callable[[str], bool], HookFn]
 
 
