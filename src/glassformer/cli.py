@@ -1,0 +1,94 @@
+"""`glassformer` command line: `glassformer trace …` (more subcommands arrive with their features)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from glassformer.config import ACTS, ARCHS, NORM_POSITIONS, NORMS, POSITIONALS, Config
+from glassformer.errors import GlassformerError
+from glassformer.inspect.examples import two_heads
+from glassformer.inspect.trace import trace
+from glassformer.model import Transformer
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for the fields of a small Config (the vocabulary is fixed by the byte tokenizer)."""
+    parser.add_argument("--arch", choices=ARCHS, default="decoder")
+    parser.add_argument("--n-layers", type=int, default=1)
+    parser.add_argument("--d-model", type=int, default=8)
+    parser.add_argument("--n-heads", type=int, default=2)
+    parser.add_argument("--n-kv-heads", type=int, default=None)
+    parser.add_argument("--positional", choices=POSITIONALS, default="learned")
+    parser.add_argument("--norm", choices=NORMS, default="layernorm")
+    parser.add_argument("--norm-position", choices=NORM_POSITIONS, default="pre")
+    parser.add_argument("--act", choices=ACTS, default="gelu")
+    parser.add_argument("--attn-only", action="store_true")
+    parser.add_argument("--n-ctx", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+
+def config_from_flags(args: argparse.Namespace, d_vocab: int) -> Config:
+    return Config(
+        arch=args.arch,
+        n_layers=args.n_layers,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        positional=args.positional,
+        norm=args.norm,
+        norm_position=args.norm_position,
+        act=args.act,
+        attn_only=args.attn_only,
+        n_ctx=args.n_ctx,
+        d_vocab=d_vocab,
+    )
+
+
+def byte_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
+    """UTF-8 bytes as token ids (vocabulary 256) and a printable label per token."""
+    data = text.encode("utf-8")
+    labels = [chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data]
+    return torch.tensor([list(data)]), labels
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    if args.example == "two-heads":
+        model, tokens, labels = two_heads()
+        print(trace(model, tokens, position=args.position, labels=labels, max_values=args.max_values))
+        return
+    tokens, labels = byte_tokens(args.prompt)
+    model = Transformer(config_from_flags(args, d_vocab=256), seed=args.seed).eval()
+    tgt = tokens if model.cfg.arch == "encoder-decoder" else None
+    print(trace(model, tokens, tgt, position=args.position, labels=labels, max_values=args.max_values))
+    print("\n(random weights: the numbers show the arithmetic, not a trained model's behaviour)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("trace", help="walk one token through the model, cell by cell")
+    p.add_argument("--example", choices=["two-heads"], help="a worked example with hand-set weights")
+    p.add_argument("--prompt", default="Hello", help="text to run (UTF-8 bytes are the tokens)")
+    p.add_argument("--position", type=int, default=-1, help="which token to trace (default: the last)")
+    p.add_argument("--max-values", type=int, default=8, help="show vectors up to this size in full")
+    add_config_flags(p)
+    p.set_defaults(run=cmd_trace)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (GlassformerError, ValueError, TypeError) as err:
+        print(f"glassformer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

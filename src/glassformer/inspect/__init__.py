@@ -1,0 +1,1 @@
+"""Seeing inside a model: the cell-by-cell trace and worked examples."""
