@@ -3,6 +3,7 @@
 from glassformer.config import Config
 from glassformer.errors import GlassformerError, HookError, InputError
 from glassformer.hooks import ActivationCache, HookPoint
+from glassformer.inspect.trace import Trace, trace
 from glassformer.model import Transformer
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "HookError",
     "HookPoint",
     "InputError",
+    "Trace",
     "Transformer",
+    "trace",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""The cell-by-cell trace: the two-heads worked example's numbers, and every cell for every arch."""
+
+import pytest
+import torch
+
+import glassformer as gf
+from glassformer.inspect.examples import two_heads
+
+
+def step(trace, cell, op_start=""):
+    return next(s for s in trace.steps if s.cell == cell and s.op.startswith(op_start))
+
+
+def test_two_heads_worked_example_numbers():
+    """r3's head-1 weights ≈ [0.248, 0.248, 0.503], head-2 ≈ [0.248, 0.503, 0.248], edit ≈
+    [0.376, 0.376, 0.500, 0.752], updated stream ≈ [1.376, 1.376, 0.500, 1.752]."""
+    model, tokens, labels = two_heads()
+    trace = gf.trace(model, tokens, position=2, labels=labels)
+    expect = torch.testing.assert_close
+    expect(
+        step(trace, "softmax").values, torch.tensor([[0.248, 0.248, 0.503], [0.248, 0.503, 0.248]]), atol=6e-4, rtol=0
+    )
+    expect(step(trace, "attention output").values, torch.tensor([0.376, 0.376, 0.500, 0.752]), atol=6e-4, rtol=0)
+    expect(step(trace, "residual add").values, torch.tensor([1.376, 1.376, 0.500, 1.752]), atol=6e-4, rtol=0)
+    # The scores cell as three steps: raw dot products, scaled by 1/sqrt(2), then masked.
+    expect(step(trace, "attention scores", "q · k").values, torch.tensor([[1.0, 1.0, 2.0], [1.0, 2.0, 1.0]]))
+    expect(step(trace, "attention scores", "×").values, torch.tensor([[1.0, 1.0, 2.0], [1.0, 2.0, 1.0]]) / 2**0.5)
+    text = str(trace)
+    assert '"r3"' in text and "[0.248, 0.248, 0.503]" in text and "[1.376, 1.376, 0.500, 1.752]" in text
+
+
+def test_masked_keys_show_as_minus_infinity():
+    model, tokens, _ = two_heads()
+    masked = step(gf.trace(model, tokens, position=0), "attention mask").values
+    assert torch.isinf(masked[:, 1:]).all() and torch.isfinite(masked[:, 0]).all()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="decoder", positional="rotary", norm="rmsnorm", act="swiglu", n_kv_heads=1),
+        dict(arch="encoder", norm_position="post", positional="sinusoidal"),
+        dict(arch="encoder-decoder"),
+    ],
+)
+def test_every_cell_appears_in_order(kw):
+    cfg = gf.Config(**{**dict(n_layers=1, d_model=8, n_heads=2, d_vocab=11, n_ctx=6), **kw})
+    model = gf.Transformer(cfg, seed=0)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    trace = gf.trace(model, tokens, tokens if cfg.arch == "encoder-decoder" else None, position=1)
+    cells = [s.cell for s in trace.steps]
+    assert cells[0] == "token embedding" and cells[-1] == "output head"
+    for needed in ("query projection", "softmax", "weighted sum", "per-head result", "attention output", "MLP output"):
+        assert needed in cells
+    if cfg.arch == "encoder-decoder":
+        assert "cross-attention output" in cells
+        assert step(trace, "key projection").shape == (1, 4, 2, 4)
+    if cfg.positional == "rotary":
+        assert "rotary (queries)" in cells
+    if cfg.norm_position == "post":
+        assert step(trace, "residual add").op == "resid_mid = norm(resid_pre + attn_out)"
+    assert all(s.values.numel() > 0 for s in trace.steps)
