@@ -1,0 +1,18 @@
+"""The README's Python tour runs as written, so it can never drift from the code."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "the README has no Python example"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_quick_start_is_the_two_make_commands():
+    text = README.read_text()
+    assert "make demo" in text and "make test" in text
