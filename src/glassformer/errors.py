@@ -11,3 +11,7 @@ class HookError(GlassformerError, ValueError):
 
 class InputError(GlassformerError, ValueError):
     """Tokens, masks or residual tensors the model cannot run on."""
+
+
+class CheckpointError(GlassformerError, ValueError):
+    """A checkpoint that cannot be read, or that does not match its config."""

@@ -8,6 +8,7 @@ and `decoder.blocks.…`. Legend: batch, pos, d_model, d_vocab.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,21 @@ class Transformer(HookedRoot):
         self.hook_logits = HookPoint()  # (batch, pos, d_vocab)
         init_weights(self, seed)
         self.setup_hooks()
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
+        from glassformer.checkpoints.native import save
+
+        return save(self, directory)
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Transformer:
+        """Open a directory written by `save` (weights memory-mapped, checked against the config)."""
+        from glassformer.checkpoints.native import load
+
+        return load(directory, device, dtype)
 
     def forward(
         self,
@@ -127,6 +143,8 @@ def init_weights(model: Transformer, seed: int | None = None) -> None:
     writes = layers * (1 if cfg.attn_only else 2)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        if param.is_meta:  # built to receive checkpoint weights: nothing to initialise
+            continue
         if leaf == "w":
             param.fill_(1.0)
         elif leaf.startswith("b"):

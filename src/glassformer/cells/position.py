@@ -14,12 +14,16 @@ from torch import Tensor, nn
 
 from glassformer.config import Config
 
+# Fixed tables are built on the CPU even inside `with torch.device("meta")` (how checkpoints load):
+# they are computed, never stored, so they must be real. `model.to(device)` moves them.
+TABLES = dict(dtype=torch.float64, device="cpu")
+
 
 def sinusoid_table(n_ctx: int, d_model: int) -> Tensor:
     """The fixed table of 'Attention Is All You Need': sin on even dims, cos on odd dims."""
-    pos = torch.arange(n_ctx, dtype=torch.float64)[:, None]  # (n_ctx, 1)
-    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)  # (n_ctx, d_model)
+    pos = torch.arange(n_ctx, **TABLES)[:, None]  # (n_ctx, 1)
+    freq = torch.exp(torch.arange(0, d_model, 2, **TABLES) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_ctx, d_model, **TABLES)  # (n_ctx, d_model)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
     return table.float()
@@ -50,9 +54,9 @@ class Rotary(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
-        half = torch.arange(0, cfg.rotary_dim, 2, dtype=torch.float64) / cfg.rotary_dim
+        half = torch.arange(0, cfg.rotary_dim, 2, **TABLES) / cfg.rotary_dim
         inv_freq = cfg.rotary_base**-half  # (rotary_dim / 2,)
-        angles = torch.outer(torch.arange(cfg.n_ctx, dtype=torch.float64), inv_freq)  # (n_ctx, rotary_dim/2)
+        angles = torch.outer(torch.arange(cfg.n_ctx, **TABLES), inv_freq)  # (n_ctx, rotary_dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (n_ctx, rotary_dim)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)

@@ -1,0 +1,1 @@
+"""Checkpoints: glassformer's own format (config.json + model.safetensors) and converters."""

@@ -1,0 +1,70 @@
+"""glassformer's own checkpoint: a directory with `config.json` and `model.safetensors`.
+
+Both files are written atomically, and the config is also stored in the weights file's metadata,
+so a crash between the two renames is detected on load instead of pairing weights with the wrong
+config. Loading memory-maps the weights onto a model built on the meta device: no second copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
+from glassformer.config import Config
+from glassformer.errors import CheckpointError
+from glassformer.model import Transformer
+
+
+def save(model: Transformer, directory: str | Path) -> Path:
+    """Write `config.json` and `model.safetensors` into `directory` (created if needed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.cfg.to_dict()
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    metadata = {"format": "glassformer", "config": json.dumps(config, sort_keys=True)}
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_json(directory / "config.json", config)
+    return directory
+
+
+def check_state(model: Transformer, state: dict[str, Tensor], source: str) -> None:
+    """Every problem at once: missing, unexpected, wrongly shaped or non-float tensors."""
+    expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+    problems = [f"missing tensor {name} {tuple(t.shape)}" for name, t in expected.items() if name not in state]
+    problems += [f"unexpected tensor {name} {tuple(t.shape)}" for name, t in state.items() if name not in expected]
+    for name, t in state.items():
+        if name in expected and t.shape != expected[name].shape:
+            problems.append(f"{name} has shape {tuple(t.shape)}, the config needs {tuple(expected[name].shape)}")
+        elif not t.is_floating_point():
+            problems.append(f"{name} has dtype {t.dtype}, expected a floating-point dtype")
+    if len({t.dtype for t in state.values()}) > 1:
+        problems.append(f"tensors mix dtypes {sorted(str(d) for d in {t.dtype for t in state.values()})}")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise CheckpointError(f"{source} does not match its config ({len(problems)} problems):\n  {listing}")
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Open a checkpoint written by `save`; the weights are checked against the config first."""
+    directory = Path(directory)
+    cfg = Config.from_dict(read_json(directory / "config.json"))
+    weights = directory / "model.safetensors"
+    state = read_weights(directory)
+    with safe_open(weights, framework="pt") as f:
+        stored = (f.metadata() or {}).get("config")
+    if stored is not None and json.loads(stored) != cfg.to_dict():
+        raise CheckpointError(
+            f"{directory / 'config.json'} differs from the config stored with the weights "
+            "(an interrupted save?); re-save the model"
+        )
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_state(model, state, str(weights))
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
