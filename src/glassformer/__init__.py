@@ -1,13 +1,14 @@
 """glassformer: a transformer you can see through, cell by cell, at full speed."""
 
 from glassformer.config import Config
-from glassformer.errors import GlassformerError, HookError, InputError
+from glassformer.errors import CheckpointError, GlassformerError, HookError, InputError
 from glassformer.hooks import ActivationCache, HookPoint
 from glassformer.inspect.trace import Trace, trace
 from glassformer.model import Transformer
 
 __all__ = [
     "ActivationCache",
+    "CheckpointError",
     "Config",
     "GlassformerError",
     "HookError",
