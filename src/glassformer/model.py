@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +62,13 @@ class Transformer(HookedRoot):
         self.hook_logits = HookPoint()  # (batch, pos, d_vocab)
         init_weights(self, seed)
         self.setup_hooks()
+
+    @classmethod
+    def from_hf(cls, source: Any, allow_pickle: bool = False) -> Transformer:
+        """Convert a `transformers` model, or a local Hugging Face directory, with the same numbers."""
+        from glassformer.checkpoints.hf import from_hf
+
+        return from_hf(source, allow_pickle)
 
     def save(self, directory: str | Path) -> Path:
         """Write `config.json` and `model.safetensors` into `directory`, each atomically."""

@@ -1,0 +1,95 @@
+"""Llama family (`llama`, `mistral`, `qwen2`): rotary positions, pre-RMSNorm, SwiGLU,
+grouped-query attention, no biases except Q/K/V where the config asks for them (Qwen2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from glassformer.checkpoints.hf import Family, HFState, map_rows, same, stacked, zeros_like_bias
+from glassformer.config import Config
+from glassformer.errors import CheckpointError
+
+LAYER = [
+    ("ln1.w", "input_layernorm.weight", same),
+    ("attn.qkv_weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), stacked),
+    ("attn.o_weight", "self_attn.o_proj.weight", same),
+    ("ln2.w", "post_attention_layernorm.weight", same),
+    ("mlp.gate_weight", "mlp.gate_proj.weight", same),
+    ("mlp.in_weight", "mlp.up_proj.weight", same),
+    ("mlp.out_weight", "mlp.down_proj.weight", same),
+]
+# With any bias in the config every linear map has one; those the checkpoint lacks are zeros.
+BIASES = [
+    ("attn.qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+    ("attn.b_O", ("self_attn.o_proj.bias",)),
+    ("mlp.b_in", ("mlp.up_proj.bias",)),
+    ("mlp.b_out", ("mlp.down_proj.bias",)),
+]
+
+
+def rope_theta(hf: dict[str, Any]) -> float:
+    """transformers 5 keeps rotary settings in `rope_parameters`; older configs at top level."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise CheckpointError(f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
+    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config(hf: dict[str, Any]) -> Config:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"Llama-family hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
+    n_ctx = hf["max_position_embeddings"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
+    if window:  # attention within the window is full attention: cap the context there, never be silently wrong
+        n_ctx = min(n_ctx, window)
+    d_head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    return Config(
+        arch="decoder",
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_head=d_head,
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=n_ctx,
+        positional="rotary",
+        rotary_base=rope_theta(hf),
+        norm="rmsnorm",
+        eps=hf["rms_norm_eps"],
+        act="swiglu",
+        bias=qkv_bias(hf) or bool(hf.get("attention_bias") or hf.get("mlp_bias")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        extra={"hf_model_type": hf["model_type"]},
+    )
+
+
+def qkv_bias(hf: dict[str, Any]) -> bool:
+    return hf["model_type"] == "qwen2" or bool(hf.get("attention_bias"))
+
+
+def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
+    state = {"embed.W_E": get("embed_tokens.weight"), "ln_final.w": get("norm.weight")}
+    if not cfg.tie_embeddings:
+        state["unembed.weight"] = get("lm_head.weight")
+    sizes = {
+        "attn.qkv_bias": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head,
+        "attn.b_O": cfg.d_model,
+        "mlp.b_in": cfg.d_mlp,
+        "mlp.b_out": cfg.d_model,
+    }
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.", f"layers.{i}."
+        state |= map_rows(get, LAYER, ours, theirs)
+        for mine, names in BIASES if cfg.bias else ():
+            found = [get.find(theirs + name) for name in names]
+            present = all(t is not None for t in found)
+            state[ours + mine] = stacked(*found) if present else zeros_like_bias(sizes[mine], state["embed.W_E"])
+    if cfg.bias:
+        state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
+    return state
+
+
+FAMILY = Family(config, weights, prefixes=("model.",))
