@@ -81,31 +81,39 @@ def families() -> dict[str, Family]:
     return {"gpt2": gpt2.FAMILY, "llama": llama.FAMILY, "mistral": llama.FAMILY, "qwen2": llama.FAMILY}
 
 
-def read_source(source: Any, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Tensor], str]:
-    """(config dict, tensors, a name for messages) from a transformers model or a local directory."""
+def read_config(source: Any) -> tuple[dict[str, Any], str]:
+    """(config dict, a name for messages) of a transformers model or a local directory."""
     if isinstance(source, str | Path):
         directory = Path(source)
         if not directory.is_dir():
             raise CheckpointError(f"{directory} is not a directory (from_hf reads local files only, never the hub)")
-        return read_json(directory / "config.json"), read_weights(directory, allow_pickle), str(directory)
+        return read_json(directory / "config.json"), str(directory)
     if hasattr(source, "config") and hasattr(source, "state_dict"):
-        return source.config.to_dict(), source.state_dict(), type(source).__name__
+        return source.config.to_dict(), type(source).__name__
     raise TypeError(f"from_hf takes a transformers model or a local directory, got {type(source).__name__}")
+
+
+def read_tensors(source: Any, allow_pickle: bool) -> dict[str, Tensor]:
+    if isinstance(source, str | Path):
+        return read_weights(Path(source), allow_pickle)
+    return source.state_dict()
 
 
 def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
     """Convert a Hugging Face model or local checkpoint directory into an equivalent Transformer."""
-    hf_config, tensors, name = read_source(source, allow_pickle)
+    hf_config, name = read_config(source)
     model_type = hf_config.get("model_type")
     known = families()
     if model_type not in known:
         raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(known))}")
     family = known[model_type]
     cfg = family.config(hf_config)
+    tensors = read_tensors(source, allow_pickle)
     state = family.weights(HFState(tensors, family.prefixes, name), cfg)
     # Never share storage with a live transformers model: editing one must not change the other.
-    source_ptrs = {t.data_ptr() for t in tensors.values()}
-    state = {k: t.clone() if t.data_ptr() in source_ptrs else t.contiguous() for k, t in state.items()}
+    # (Memory-mapped files are copy-on-write, so their tensors are used as they are.)
+    live = set() if isinstance(source, str | Path) else {t.data_ptr() for t in tensors.values()}
+    state = {k: t.clone() if t.data_ptr() in live else t.contiguous() for k, t in state.items()}
     with torch.device("meta"):
         model = Transformer(cfg)
     check_state(model, state, name)

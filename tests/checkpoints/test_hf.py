@@ -1,0 +1,155 @@
+"""from_hf: the same numbers as `transformers` on the same (random, seeded) weights."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import glassformer as gf  # noqa: E402
+
+SMALL_LLAMA = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=48,
+    vocab_size=101,
+    max_position_embeddings=64,
+)
+
+
+def build(family):
+    """A small Hugging Face model with random weights, built offline from its config."""
+    torch.manual_seed(0)
+    t = transformers
+    models = {
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0)
+        ),
+        "gpt2-untied-relu": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                vocab_size=101,
+                n_positions=64,
+                n_inner=40,
+                activation_function="relu",
+                tie_word_embeddings=False,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**SMALL_LLAMA, rope_theta=500.0)),
+        "llama-mqa-tied": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(**{**SMALL_LLAMA, "num_key_value_heads": 1}, tie_word_embeddings=True, attention_bias=True)
+        ),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL_LLAMA)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=None)),
+    }
+    model = models[family]().eval()
+    with torch.no_grad():  # biases start at zero in transformers' init: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+FAMILIES = ["gpt2", "gpt2-untied-relu", "llama", "llama-mqa-tied", "qwen2", "mistral"]
+
+
+def padded_batch(vocab):
+    """Three rows: left-padded, right-padded, unpadded."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(tokens)
+    mask[0, :5] = 0
+    mask[1, 8:] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_every_layer_match_transformers(family, attn):
+    hf = build(family)
+    hf.set_attn_implementation(attn)
+    model = gf.Transformer.from_hf(hf)
+    tokens, mask = padded_batch(hf.config.vocab_size)
+    # glassformer counts positions over real tokens; give transformers the same position ids.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert (ref.logits - logits)[real].abs().max() <= 1e-4
+    n = model.cfg.n_layers
+    for i in range(n - 1):  # transformers' last hidden state is after the final norm
+        assert (ref.hidden_states[i + 1] - cache["resid_post", i])[real].abs().max() <= 1e-4, f"layer {i}"
+    assert (ref.hidden_states[n] - cache["ln_final.hook_normalized"])[real].abs().max() <= 1e-4
+
+
+def test_local_directory_single_and_sharded(tmp_path):
+    hf = build("llama")
+    hf.save_pretrained(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    tokens = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        for sub in ("single", "sharded"):
+            torch.testing.assert_close(gf.Transformer.from_hf(tmp_path / sub)(tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_pickled_checkpoint_needs_explicit_opt_in(tmp_path):
+    hf = build("gpt2")
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(gf.CheckpointError, match="allow_pickle=True"):
+        gf.Transformer.from_hf(tmp_path)
+    tokens = torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            gf.Transformer.from_hf(tmp_path, allow_pickle=True)(tokens), hf(tokens).logits, atol=1e-4, rtol=0
+        )
+
+
+def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(gf.CheckpointError, match="'t5' is not supported; supported: .*gpt2.*llama"):
+        gf.Transformer.from_hf(tmp_path)
+    with pytest.raises(gf.CheckpointError, match="not a directory"):
+        gf.Transformer.from_hf(tmp_path / "missing")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    hf = build("gpt2")
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors.pop(next(k for k in tensors if k.endswith("h.1.mlp.c_fc.weight")))
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(gf.CheckpointError, match="lacks tensor 'h.1.mlp.c_fc.weight'"):
+        gf.Transformer.from_hf(tmp_path)
+
+
+def test_converted_model_does_not_share_storage_with_the_source():
+    hf = build("llama")
+    model = gf.Transformer.from_hf(hf)
+    with torch.no_grad():
+        model.embed.W_E.zero_()
+        model.blocks[0].ln1.w.zero_()
+    assert hf.model.embed_tokens.weight.abs().sum() > 0
+    assert hf.model.layers[0].input_layernorm.weight.abs().sum() > 0
+
+
+def test_converted_config_records_the_source():
+    model = gf.Transformer.from_hf(build("qwen2"))
+    cfg = model.cfg
+    assert (cfg.positional, cfg.norm, cfg.act, cfg.n_kv_heads, cfg.extra["hf_model_type"]) == (
+        "rotary",
+        "rmsnorm",
+        "swiglu",
+        2,
+        "qwen2",
+    )
