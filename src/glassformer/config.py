@@ -50,6 +50,12 @@ class Config:
     eps: float = 1e-5
     act: str = "gelu"
     attn_only: bool = False
+    parallel_attn_mlp: bool = False  # GPT-NeoX/GPT-J: x + attn(ln1(x)) + mlp(ln2(x))
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    embed_scale: float = 1.0  # token embeddings times this (sqrt(d_model) in Marian)
+    n_token_types: int = 0  # segment embeddings (BERT); 0 = none
+    head_transform: bool = False  # dense + act + norm before the unembedding (BERT's MLM head)
+    pooler: bool = False  # tanh(dense(first token)) summary vector (BERT)
     bias: bool = True
     tie_embeddings: bool = False
     dropout: float = 0.0
@@ -94,6 +100,16 @@ class Config:
             raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"Config.eps={self.eps!r} must be positive")
+        if self.parallel_attn_mlp and (self.norm_position != "pre" or self.attn_only):
+            raise ValueError("Config.parallel_attn_mlp=True needs norm_position='pre' and an MLP (attn_only=False)")
+        if isinstance(self.n_token_types, bool) or not isinstance(self.n_token_types, int) or self.n_token_types < 0:
+            raise ValueError(f"Config.n_token_types={self.n_token_types!r} must be a non-negative integer")
+        if self.n_token_types and self.arch == "encoder-decoder":
+            raise ValueError("Config.n_token_types applies to single-stack models, not arch='encoder-decoder'")
+        if (self.embed_norm or self.head_transform) and self.norm == "none":
+            raise ValueError("Config.embed_norm / head_transform need a norm (norm='none' was given)")
+        if not self.embed_scale > 0:
+            raise ValueError(f"Config.embed_scale={self.embed_scale!r} must be positive")
         if not self.rotary_base > 0:
             raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
 

@@ -9,8 +9,8 @@ from glassformer.config import Config
 from glassformer.errors import InputError
 
 
-def check_tokens(tokens: object, cfg: Config, name: str = "tokens") -> Tensor:
-    """Token ids as `(batch, pos)` int64; a 1-D tensor is taken as one sequence."""
+def check_tokens(tokens: object, cfg: Config, name: str = "tokens", n_ids: int | None = None) -> Tensor:
+    """Token ids as `(batch, pos)` int64 in [0, n_ids) (default: the vocabulary); 1-D is one sequence."""
     if not isinstance(tokens, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
     if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
@@ -24,10 +24,11 @@ def check_tokens(tokens: object, cfg: Config, name: str = "tokens") -> Tensor:
         raise InputError(f"{name} is empty (shape {tuple(tokens.shape)}); give at least one token")
     if pos > cfg.n_ctx:
         raise InputError(f"{name} has {pos} positions, longer than the model's n_ctx={cfg.n_ctx}")
+    n_ids = cfg.d_vocab if n_ids is None else n_ids
     low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= cfg.d_vocab:
+    if low < 0 or high >= n_ids:
         bad = low if low < 0 else high
-        raise InputError(f"{name} holds id {bad}, outside the vocabulary [0, {cfg.d_vocab})")
+        raise InputError(f"{name} holds id {bad}, outside the vocabulary [0, {n_ids})")
     return tokens.long()
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from glassformer.cells.attention import AttentionMask
 from glassformer.cells.block import Block
-from glassformer.cells.embed import Embed, Unembed
+from glassformer.cells.embed import Embed, Pooler, TokenTypeEmbed, Unembed
 from glassformer.cells.norm import make_norm
 from glassformer.cells.position import PosEmbed, Rotary
 from glassformer.config import Config
@@ -26,10 +26,16 @@ from glassformer.inputs import check_mask, check_tokens
 
 
 def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
-    """Give `module` the parts of a stack: embedding hooks, `blocks`, `ln_final`."""
+    """Give `module` the parts of a stack: its positions (and segment types), embedding hooks,
+    `blocks` and `ln_final`. The token embedding itself is the model's, shared by both stacks."""
     module.hook_embed = HookPoint()  # (batch, pos, d_model)
-    if cfg.positional in ("learned", "sinusoidal"):
+    module.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
+    if module.pos_embed is not None:
         module.hook_pos_embed = HookPoint()  # (batch, pos, d_model)
+    module.token_type_embed = TokenTypeEmbed(cfg) if cfg.n_token_types else None
+    if cfg.n_token_types:
+        module.hook_token_type_embed = HookPoint()  # (batch, pos, d_model)
+    module.ln_embed = make_norm(cfg) if cfg.embed_norm else nn.Identity()
     module.blocks = nn.ModuleList(Block(cfg, causal, cross, rotary) for _ in range(n_layers))
     # Post-norm blocks end normalised already; pre-norm stacks need a last norm before the head.
     module.ln_final = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
@@ -50,7 +56,6 @@ class Transformer(HookedRoot):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        self.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
         rotary = Rotary(cfg) if cfg.positional == "rotary" else None
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.arch == "encoder-decoder":
@@ -59,6 +64,7 @@ class Transformer(HookedRoot):
         else:
             add_stack(self, cfg, cfg.n_layers, causal=cfg.arch == "decoder", cross=False, rotary=rotary)
         self.unembed = Unembed(cfg, self.embed)
+        self.pooler = Pooler(cfg) if cfg.pooler else None
         self.hook_logits = HookPoint()  # (batch, pos, d_vocab)
         init_weights(self, seed)
         self.setup_hooks()
@@ -92,6 +98,7 @@ class Transformer(HookedRoot):
         *,
         attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
         """Logits `(batch, pos, d_vocab)`; encoder-decoder: `model(src, tgt)`, logits over tgt positions.
 
@@ -102,7 +109,7 @@ class Transformer(HookedRoot):
         if self.cfg.arch != "encoder-decoder":
             if tgt is not None or decoder_attention_mask is not None:
                 raise InputError(f"a {self.cfg.arch} model takes one token tensor; tgt is for encoder-decoder")
-            return self.hook_logits(self.unembed(self.encode(tokens, attention_mask)))
+            return self.hook_logits(self.unembed(self.encode(tokens, attention_mask, token_type_ids)))
         if tgt is None:
             raise InputError("an encoder-decoder model runs as model(src, tgt): pass the decoder tokens as tgt")
         src, src_mask = self._prepare(tokens, attention_mask, "src")
@@ -111,11 +118,22 @@ class Transformer(HookedRoot):
         resid = self._run_stack(self.decoder, tgt, tgt_mask, encoder_out, src_mask)
         return self.hook_logits(self.unembed(resid))
 
-    def encode(self, tokens: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def encode(
+        self, tokens: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
         """The final residual stream `(batch, pos, d_model)` before the head; for an
         encoder-decoder model, the encoder's output that cross-attention reads."""
         stack = self.encoder if self.cfg.arch == "encoder-decoder" else self
-        return self._run_stack(stack, *self._prepare(tokens, attention_mask, "tokens"))
+        tokens, mask = self._prepare(tokens, attention_mask, "tokens")
+        if token_type_ids is not None:
+            if stack.token_type_embed is None:
+                raise InputError("token_type_ids given, but this model has no token types (Config.n_token_types=0)")
+            token_type_ids = check_tokens(token_type_ids, self.cfg, "token_type_ids", self.cfg.n_token_types)
+            if token_type_ids.shape != tokens.shape:
+                raise InputError(
+                    f"token_type_ids {tuple(token_type_ids.shape)} must match tokens {tuple(tokens.shape)}"
+                )
+        return self._run_stack(stack, tokens, mask, token_type_ids=token_type_ids)
 
     def _prepare(self, tokens: Tensor, attention_mask: Tensor | None, name: str) -> tuple[Tensor, AttentionMask]:
         """Checked `(batch, pos)` token ids and their padding mask."""
@@ -129,13 +147,16 @@ class Transformer(HookedRoot):
         mask: AttentionMask,
         encoder_out: Tensor | None = None,
         encoder_mask: AttentionMask | None = None,
+        token_type_ids: Tensor | None = None,
     ) -> Tensor:
         batch, pos = tokens.shape
         positions = None if mask.key_valid is None else (mask.key_valid.cumsum(-1) - 1).clamp(min=0)
         resid = stack.hook_embed(self.embed(tokens))  # (batch, pos, d_model)
-        if self.pos_embed is not None:
-            resid = resid + stack.hook_pos_embed(self.pos_embed(positions, batch, pos))
-        resid = self.drop(resid)
+        if stack.pos_embed is not None:
+            resid = resid + stack.hook_pos_embed(stack.pos_embed(positions, batch, pos))
+        if stack.token_type_embed is not None:
+            resid = resid + stack.hook_token_type_embed(stack.token_type_embed(token_type_ids, tokens))
+        resid = self.drop(stack.ln_embed(resid))
         for block in stack.blocks:
             resid = block(resid, mask, positions, encoder_out, encoder_mask)
         return stack.ln_final(resid)  # (batch, pos, d_model)

@@ -28,12 +28,14 @@ class Block(nn.Module):
         super().__init__()
         self.d_model = cfg.d_model
         self.pre_norm = cfg.norm_position == "pre"
+        self.parallel = cfg.parallel_attn_mlp
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_resid_pre = HookPoint()  # (batch, pos, d_model)
         self.ln1 = make_norm(cfg)
         self.attn = Attention(cfg, causal=causal, rotary=rotary)
         self.hook_attn_out = HookPoint()  # (batch, pos, d_model)
-        self.hook_resid_mid = HookPoint()  # (batch, pos, d_model)
+        if not self.parallel:
+            self.hook_resid_mid = HookPoint()  # (batch, pos, d_model)
         self.cross_attn = Attention(cfg, causal=False) if cross else None
         if cross:
             self.ln_cross = make_norm(cfg)
@@ -57,6 +59,10 @@ class Block(nn.Module):
             raise InputError(f"resid must be (batch, pos, d_model={self.d_model}), got {tuple(resid.shape)}")
         resid = self.hook_resid_pre(resid)
         attend = partial(self.attn, mask=mask, positions=positions)
+        if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together
+            attn_out = self.drop(self.hook_attn_out(attend(self.ln1(resid))))
+            mlp_out = self.drop(self.hook_mlp_out(self.mlp(self.ln2(resid))))
+            return self.hook_resid_post(resid + attn_out + mlp_out)
         resid = self.hook_resid_mid(self.add(resid, self.ln1, attend, self.hook_attn_out))
         if self.cross_attn is not None:
             if encoder_out is None:

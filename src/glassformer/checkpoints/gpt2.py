@@ -7,11 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, map_rows, same, transposed, zeros_like_bias
+from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, transposed, zeros_like_bias
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
-
-ACTS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
 LAYER = [
     ("ln1.w", "ln_1.weight", same),
@@ -35,12 +33,12 @@ TOP = [
 ]
 
 
-def config(hf: dict[str, Any]) -> Config:
+def config(hf: dict[str, Any], get: HFState) -> Config:
     unsupported = [k for k in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn") if hf.get(k)]
     if not hf.get("scale_attn_weights", True):
         unsupported.append("scale_attn_weights=False")
-    if unsupported or hf.get("activation_function") not in ACTS:
-        raise CheckpointError(f"GPT-2 options not supported: {unsupported or hf.get('activation_function')}")
+    if unsupported:
+        raise CheckpointError(f"GPT-2 options not supported: {unsupported}")
     return Config(
         arch="decoder",
         d_model=hf["n_embd"],
@@ -49,7 +47,7 @@ def config(hf: dict[str, Any]) -> Config:
         d_vocab=hf["vocab_size"],
         n_ctx=hf["n_positions"],
         d_mlp=hf.get("n_inner") or 4 * hf["n_embd"],
-        act=ACTS[hf["activation_function"]],
+        act=activation(hf["activation_function"]),
         eps=hf["layer_norm_epsilon"],
         positional="learned",
         norm="layernorm",

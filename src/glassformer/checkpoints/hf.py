@@ -70,15 +70,24 @@ def map_rows(get: HFState, rows: Sequence[Row], ours: str = "", theirs: str = ""
 class Family:
     """How one `model_type` maps onto glassformer: its config, its tensors, its key prefixes."""
 
-    config: Callable[[dict[str, Any]], Config]
+    config: Callable[[dict[str, Any], HFState], Config]  # the tensors tell which optional heads exist
     weights: Callable[[HFState, Config], dict[str, Tensor]]
     prefixes: tuple[str, ...]
 
 
 def families() -> dict[str, Family]:
-    from glassformer.checkpoints import gpt2, llama
+    from glassformer.checkpoints import bart, bert, gpt2, llama, neox
 
-    return {"gpt2": gpt2.FAMILY, "llama": llama.FAMILY, "mistral": llama.FAMILY, "qwen2": llama.FAMILY}
+    return {
+        "gpt2": gpt2.FAMILY,
+        "llama": llama.FAMILY,
+        "mistral": llama.FAMILY,
+        "qwen2": llama.FAMILY,
+        "bert": bert.FAMILY,
+        "gpt_neox": neox.FAMILY,
+        "bart": bart.FAMILY,
+        "marian": bart.FAMILY,
+    }
 
 
 def read_config(source: Any) -> tuple[dict[str, Any], str]:
@@ -107,9 +116,10 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
     if model_type not in known:
         raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(known))}")
     family = known[model_type]
-    cfg = family.config(hf_config)
     tensors = read_tensors(source, allow_pickle)
-    state = family.weights(HFState(tensors, family.prefixes, name), cfg)
+    get = HFState(tensors, family.prefixes, name)
+    cfg = family.config(hf_config, get)
+    state = family.weights(get, cfg)
     # Never share storage with a live transformers model: editing one must not change the other.
     # (Memory-mapped files are copy-on-write, so their tensors are used as they are.)
     live = set() if isinstance(source, str | Path) else {t.data_ptr() for t in tensors.values()}
@@ -124,3 +134,21 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
 def zeros_like_bias(size: int, like: Tensor) -> Tensor:
     """A bias the source model does not have: zeros change nothing."""
     return torch.zeros(size, dtype=like.dtype)
+
+
+ACTS = {
+    "gelu_new": "gelu_new",
+    "gelu_pytorch_tanh": "gelu_new",
+    "gelu_fast": "gelu_new",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def activation(name: str) -> str:
+    """A Hugging Face activation name -> ours."""
+    if name not in ACTS:
+        raise CheckpointError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTS))}")
+    return ACTS[name]

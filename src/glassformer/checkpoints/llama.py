@@ -37,7 +37,7 @@ def rope_theta(hf: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def config(hf: dict[str, Any]) -> Config:
+def config(hf: dict[str, Any], get: HFState) -> Config:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"Llama-family hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
     n_ctx = hf["max_position_embeddings"]

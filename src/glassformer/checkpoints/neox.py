@@ -1,0 +1,94 @@
+"""GPT-NeoX / Pythia (`model_type: gpt_neox`): partial rotary, attention and MLP in parallel
+(`use_parallel_residual`), LayerNorm, GELU, and Q/K/V fused per head in one matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, zeros_like_bias
+from glassformer.config import Config
+from glassformer.errors import CheckpointError
+
+LAYER = [
+    ("ln1.w", "input_layernorm.weight", same),
+    ("ln1.b", "input_layernorm.bias", same),
+    ("ln2.w", "post_attention_layernorm.weight", same),
+    ("ln2.b", "post_attention_layernorm.bias", same),
+    ("attn.o_weight", "attention.dense.weight", same),
+    ("mlp.in_weight", "mlp.dense_h_to_4h.weight", same),
+    ("mlp.b_in", "mlp.dense_h_to_4h.bias", same),
+    ("mlp.out_weight", "mlp.dense_4h_to_h.weight", same),
+    ("mlp.b_out", "mlp.dense_4h_to_h.bias", same),
+]
+
+
+def by_head_to_by_kind(t: Tensor, n_heads: int) -> Tensor:
+    """NeoX orders the fused rows [q0 k0 v0 q1 k1 v1 …] (per head); glassformer [Q… K… V…]."""
+    per_head = t.reshape(n_heads, 3, -1, *t.shape[1:])  # (n_heads, 3, d_head[, d_model])
+    return per_head.transpose(0, 1).reshape(t.shape)
+
+
+def rotary(hf: dict[str, Any]) -> tuple[float, float]:
+    """(fraction of each head rotated, base), from transformers 5's rope_parameters or older keys."""
+    rope = hf.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
+        raise CheckpointError("GPT-NeoX rotary scaling is not supported yet")
+    fraction = rope.get("partial_rotary_factor", hf.get("rotary_pct", 1.0))
+    return float(fraction), float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+
+
+def config(hf: dict[str, Any], get: HFState) -> Config:
+    fraction, base = rotary(hf)
+    d_head = hf["hidden_size"] // hf["num_attention_heads"]
+    parallel = hf.get("use_parallel_residual", True)
+    return Config(
+        arch="decoder",
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+        positional="rotary",
+        rotary_dim=int(d_head * fraction),
+        rotary_base=base,
+        norm="layernorm",
+        eps=hf["layer_norm_eps"],
+        act=activation(hf["hidden_act"]),
+        parallel_attn_mlp=parallel,
+        bias=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        extra={"hf_model_type": "gpt_neox"},
+    )
+
+
+def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
+    state = {
+        "embed.W_E": get("embed_in.weight"),
+        "ln_final.w": get("final_layer_norm.weight"),
+        "ln_final.b": get("final_layer_norm.bias"),
+    }
+    like = state["embed.W_E"]
+    for i in range(cfg.n_layers):
+        ours, theirs = f"blocks.{i}.", f"layers.{i}."
+        state |= map_rows(get, LAYER, ours, theirs)
+        state[ours + "attn.qkv_weight"] = by_head_to_by_kind(
+            get(theirs + "attention.query_key_value.weight"), cfg.n_heads
+        )
+        bias = get.find(theirs + "attention.query_key_value.bias")
+        qkv = 3 * cfg.n_heads * cfg.d_head
+        state[ours + "attn.qkv_bias"] = (
+            zeros_like_bias(qkv, like) if bias is None else by_head_to_by_kind(bias, cfg.n_heads)
+        )
+        o_bias = get.find(theirs + "attention.dense.bias")
+        state[ours + "attn.b_O"] = zeros_like_bias(cfg.d_model, like) if o_bias is None else o_bias
+    if not cfg.tie_embeddings:
+        head = get.find("embed_out.weight")  # older checkpoints; newer ones name it lm_head
+        state["unembed.weight"] = head if head is not None else get("lm_head.weight")
+    state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, like)
+    return state
+
+
+FAMILY = Family(config, weights, prefixes=("gpt_neox.",))
