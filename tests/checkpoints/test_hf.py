@@ -46,16 +46,54 @@ def build(family):
         ),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL_LLAMA)),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=None)),
+        "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
+        "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
+        "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
+        "bert": lambda: t.BertModel(t.BertConfig(**BERT)),
+        "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(**SEQ2SEQ)),
+        "marian": lambda: t.MarianMTModel(t.MarianConfig(**SEQ2SEQ, scale_embedding=True, activation_function="swish")),
     }
     model = models[family]().eval()
     with torch.no_grad():  # biases start at zero in transformers' init: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_(0, 0.1)
     return model
 
 
-FAMILIES = ["gpt2", "gpt2-untied-relu", "llama", "llama-mqa-tied", "qwen2", "mistral"]
+NEOX = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    vocab_size=101,
+    max_position_embeddings=64,
+)
+BERT = dict(
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    vocab_size=101,
+    max_position_embeddings=64,
+)
+SEQ2SEQ = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=3,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    vocab_size=101,
+    max_position_embeddings=64,
+    pad_token_id=1,
+    decoder_start_token_id=2,
+)
+DECODERS = ["gpt2", "gpt2-untied-relu", "llama", "llama-mqa-tied", "qwen2", "mistral", "pythia", "neox-sequential"]
+FAMILIES = DECODERS
 
 
 def padded_batch(vocab):
@@ -86,6 +124,72 @@ def test_logits_and_every_layer_match_transformers(family, attn):
     for i in range(n - 1):  # transformers' last hidden state is after the final norm
         assert (ref.hidden_states[i + 1] - cache["resid_post", i])[real].abs().max() <= 1e-4, f"layer {i}"
     assert (ref.hidden_states[n] - cache["ln_final.hook_normalized"])[real].abs().max() <= 1e-4
+
+
+def close(ours, theirs, real):
+    assert (ours - theirs)[real].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["bert-mlm", "bert"])
+def test_bert_hidden_states_logits_and_pooler(family, attn):
+    hf = build(family)
+    hf.set_attn_implementation(attn)
+    model = gf.Transformer.from_hf(hf)
+    tokens, mask = padded_batch(101)
+    mask[0] = 1  # an encoder is padded on the right
+    types = torch.randint(0, 2, tokens.shape, generator=torch.Generator().manual_seed(2))
+    real = mask.bool()
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+        logits, cache = model.run_with_cache(tokens, attention_mask=mask, token_type_ids=types)
+    for i in range(model.cfg.n_layers):
+        close(cache["resid_post", i], ref.hidden_states[i + 1], real)
+    if family == "bert-mlm":
+        close(logits, ref.logits, real)
+    else:
+        torch.testing.assert_close(
+            model.pooler(cache["resid_post", model.cfg.n_layers - 1]), ref.pooler_output, atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["bart", "marian"])
+def test_encoder_decoder_logits_and_every_layer(family, attn):
+    hf = build(family)
+    hf.set_attn_implementation(attn)
+    model = gf.Transformer.from_hf(hf)
+    g = torch.Generator().manual_seed(3)
+    src, tgt = torch.randint(0, 101, (2, 9), generator=g), torch.randint(0, 101, (2, 6), generator=g)
+    src_mask, tgt_mask = torch.ones_like(src), torch.ones_like(tgt)
+    src_mask[1, 5:], tgt_mask[0, 4:] = 0, 0
+    with torch.no_grad():
+        ref = hf(
+            input_ids=src,
+            attention_mask=src_mask,
+            decoder_input_ids=tgt,
+            decoder_attention_mask=tgt_mask,
+            output_hidden_states=True,
+        )
+        logits, cache = model.run_with_cache(src, tgt, attention_mask=src_mask, decoder_attention_mask=tgt_mask)
+    close(logits, ref.logits, tgt_mask.bool())
+    for i in range(model.cfg.n_layers):
+        close(cache[f"encoder.blocks.{i}.hook_resid_post"], ref.encoder_hidden_states[i + 1], src_mask.bool())
+    for i in range(model.cfg.n_decoder_layers):
+        close(cache[f"decoder.blocks.{i}.hook_resid_post"], ref.decoder_hidden_states[i + 1], tgt_mask.bool())
+
+
+def test_marian_positions_are_computed_when_the_checkpoint_omits_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = build("marian")
+    hf.save_pretrained(tmp_path)
+    tensors = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if "embed_positions" not in k}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    src, tgt = torch.randint(0, 101, (1, 7)), torch.randint(0, 101, (1, 5))
+    with torch.no_grad():
+        expected = hf(input_ids=src, decoder_input_ids=tgt).logits
+        torch.testing.assert_close(gf.Transformer.from_hf(tmp_path)(src, tgt), expected, atol=1e-4, rtol=0)
 
 
 def test_local_directory_single_and_sharded(tmp_path):
