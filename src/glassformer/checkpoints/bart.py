@@ -108,9 +108,9 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
     ):
         state[f"{stack}.pos_embed.W_pos"] = positions(get, cfg, stack)
         if cfg.embed_norm:
-            state |= map_rows(get, norm(f"{stack}.ln_embed", f"{stack}.layernorm_embedding"))
+            state |= map_rows(get, norm(f"{stack}.ln_embed", f"{stack}.layernorm_embedding"), cfg)
         for i in range(n_layers):
-            state |= map_rows(get, layer, ours=f"{stack}.blocks.{i}.", theirs=f"{stack}.layers.{i}.")
+            state |= map_rows(get, layer, cfg, ours=f"{stack}.blocks.{i}.", theirs=f"{stack}.layers.{i}.")
     return state
 
 

@@ -74,15 +74,15 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
 
 
 def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
-    state = map_rows(get, TOP)
+    state = map_rows(get, TOP, cfg)
     for i in range(cfg.n_layers):
-        state |= map_rows(get, LAYER, ours=f"blocks.{i}.", theirs=f"encoder.layer.{i}.")
+        state |= map_rows(get, LAYER, cfg, ours=f"blocks.{i}.", theirs=f"encoder.layer.{i}.")
     if cfg.head_transform:
-        state |= map_rows(get, MLM_HEAD)
+        state |= map_rows(get, MLM_HEAD, cfg)
     else:  # a bare encoder: the head is the tied embedding, for completeness only
         state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
     if cfg.pooler:
-        state |= map_rows(get, POOLER)
+        state |= map_rows(get, POOLER, cfg)
     return state
 
 

@@ -58,9 +58,9 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
 
 
 def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
-    state = map_rows(get, TOP)
+    state = map_rows(get, TOP, cfg)
     for i in range(cfg.n_layers):
-        state |= map_rows(get, LAYER, ours=f"blocks.{i}.", theirs=f"h.{i}.")
+        state |= map_rows(get, LAYER, cfg, ours=f"blocks.{i}.", theirs=f"h.{i}.")
     if not cfg.tie_embeddings:
         state["unembed.weight"] = get("lm_head.weight")
     state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])

@@ -1,7 +1,7 @@
-"""`from_hf`: a Hugging Face model (object or local directory) -> glassformer, same numbers.
+"""`from_hf` and `to_hf`: Hugging Face checkpoints <-> glassformer, with the same numbers.
 
 Each family is a small module (gpt2.py, llama.py, …) with a config mapping and a key/transform
-table; nothing here or in the cells knows a model's name.
+table that serves both directions; nothing here or in the cells knows a model's name.
 """
 
 from __future__ import annotations
@@ -20,22 +20,27 @@ from glassformer.config import Config
 from glassformer.errors import CheckpointError
 from glassformer.model import Transformer
 
-# One table row: our tensor name (relative), their tensor name(s) (relative), how to combine them.
-Row = tuple[str, str | tuple[str, ...], Callable[..., Tensor]]
+
+@dataclass(frozen=True)
+class Transform:
+    """How their tensor(s) become one of ours, and back again."""
+
+    to_ours: Callable[[tuple[Tensor, ...], Config], Tensor]
+    to_theirs: Callable[[Tensor, Config], tuple[Tensor, ...]]
 
 
-def same(t: Tensor) -> Tensor:
-    return t
+def qkv_sizes(cfg: Config) -> list[int]:
+    return [cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head]
 
 
-def transposed(t: Tensor) -> Tensor:
-    """Hugging Face Conv1D stores (in, out); glassformer stores (out, in) as nn.Linear does."""
-    return t.T
+same = Transform(lambda ts, cfg: ts[0], lambda t, cfg: (t,))
+# Hugging Face Conv1D stores (in, out); glassformer stores (out, in) as nn.Linear does.
+transposed = Transform(lambda ts, cfg: ts[0].T, lambda t, cfg: (t.T,))
+# Separate Q, K, V projections <-> one fused (out, in) matrix (or bias), Q rows first.
+stacked = Transform(lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: t.split(qkv_sizes(cfg), dim=0))
 
-
-def stacked(*ts: Tensor) -> Tensor:
-    """Separate Q, K, V projections -> one fused (out, in) matrix (or bias), Q rows first."""
-    return torch.cat(ts, dim=0)
+# One table row: our tensor name (relative), their tensor name(s) (relative), the transform between.
+Row = tuple[str, str | tuple[str, ...], Transform]
 
 
 class HFState:
@@ -57,22 +62,35 @@ class HFState:
         return tensor
 
 
-def map_rows(get: HFState, rows: Sequence[Row], ours: str = "", theirs: str = "") -> dict[str, Tensor]:
-    """Apply a table; `ours`/`theirs` prefix every name on each side (e.g. one layer's)."""
+def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else names
+
+
+def map_rows(get: HFState, rows: Sequence[Row], cfg: Config, ours: str = "", theirs: str = "") -> dict[str, Tensor]:
+    """Their tensors -> ours, by a table; `ours`/`theirs` prefix each side's names (one layer's, say)."""
+    return {ours + mine: t.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg) for mine, names, t in rows}
+
+
+def unmap_rows(
+    state: dict[str, Tensor], rows: Sequence[Row], cfg: Config, ours: str = "", theirs: str = ""
+) -> dict[str, Tensor]:
+    """Our tensors -> theirs, by the same table read backwards."""
     out = {}
-    for mine, names, combine in rows:
-        names = (names,) if isinstance(names, str) else names
-        out[ours + mine] = combine(*(get(theirs + name) for name in names))
+    for mine, names, transform in rows:
+        out |= {theirs + n: t for n, t in zip(_names(names), transform.to_theirs(state[ours + mine], cfg), strict=True)}
     return out
 
 
 @dataclass(frozen=True)
 class Family:
-    """How one `model_type` maps onto glassformer: its config, its tensors, its key prefixes."""
+    """How one `model_type` maps onto glassformer: its config, its tensors, its key prefixes, and
+    (decoder families) the way back: `export` our tensors, `hf_config` for transformers."""
 
     config: Callable[[dict[str, Any], HFState], Config]  # the tensors tell which optional heads exist
     weights: Callable[[HFState, Config], dict[str, Tensor]]
     prefixes: tuple[str, ...]
+    export: Callable[[dict[str, Tensor], Config], dict[str, Tensor]] | None = None
+    hf_config: Callable[[Config], dict[str, Any]] | None = None  # raises if the config does not fit
 
 
 def families() -> dict[str, Family]:
@@ -134,6 +152,32 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
 def zeros_like_bias(size: int, like: Tensor) -> Tensor:
     """A bias the source model does not have: zeros change nothing."""
     return torch.zeros(size, dtype=like.dtype)
+
+
+def bias_sizes(cfg: Config) -> dict[str, int]:
+    """Our bias tensors' lengths, for biases a checkpoint may lack."""
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+    return {"attn.qkv_bias": qkv, "attn.b_O": cfg.d_model, "mlp.b_in": cfg.d_mlp, "mlp.b_out": cfg.d_model}
+
+
+def map_biases(
+    get: HFState, rows: Sequence[Row], cfg: Config, ours: str, theirs: str, like: Tensor
+) -> dict[str, Tensor]:
+    """Bias rows of a table; one the checkpoint lacks becomes zeros (our config gives every linear
+    map a bias when any has one)."""
+    out = {}
+    for mine, names, transform in rows:
+        found = tuple(get.find(theirs + n) for n in _names(names))
+        missing = any(t is None for t in found)
+        out[ours + mine] = zeros_like_bias(bias_sizes(cfg)[mine], like) if missing else transform.to_ours(found, cfg)
+    return out
+
+
+def require_zero(state: dict[str, Tensor], names: Sequence[str], family: str) -> None:
+    """A bias that the target family cannot hold must be zero, or exporting would change the model."""
+    nonzero = [n for n in names if n in state and bool(state[n].any())]
+    if nonzero:
+        raise CheckpointError(f"{family} has no place for the non-zero biases {nonzero}")
 
 
 ACTS = {

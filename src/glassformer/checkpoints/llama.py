@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, map_rows, same, stacked, zeros_like_bias
+from glassformer.checkpoints.hf import Family, HFState, map_biases, map_rows, same, stacked, zeros_like_bias
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -22,10 +22,10 @@ LAYER = [
 ]
 # With any bias in the config every linear map has one; those the checkpoint lacks are zeros.
 BIASES = [
-    ("attn.qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
-    ("attn.b_O", ("self_attn.o_proj.bias",)),
-    ("mlp.b_in", ("mlp.up_proj.bias",)),
-    ("mlp.b_out", ("mlp.down_proj.bias",)),
+    ("attn.qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), stacked),
+    ("attn.b_O", "self_attn.o_proj.bias", same),
+    ("mlp.b_in", "mlp.up_proj.bias", same),
+    ("mlp.b_out", "mlp.down_proj.bias", same),
 ]
 
 
@@ -74,19 +74,11 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
     state = {"embed.W_E": get("embed_tokens.weight"), "ln_final.w": get("norm.weight")}
     if not cfg.tie_embeddings:
         state["unembed.weight"] = get("lm_head.weight")
-    sizes = {
-        "attn.qkv_bias": (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head,
-        "attn.b_O": cfg.d_model,
-        "mlp.b_in": cfg.d_mlp,
-        "mlp.b_out": cfg.d_model,
-    }
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}.", f"layers.{i}."
-        state |= map_rows(get, LAYER, ours, theirs)
-        for mine, names in BIASES if cfg.bias else ():
-            found = [get.find(theirs + name) for name in names]
-            present = all(t is not None for t in found)
-            state[ours + mine] = stacked(*found) if present else zeros_like_bias(sizes[mine], state["embed.W_E"])
+        state |= map_rows(get, LAYER, cfg, ours, theirs)
+        if cfg.bias:
+            state |= map_biases(get, BIASES, cfg, ours, theirs, like=state["embed.W_E"])
     if cfg.bias:
         state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
     return state

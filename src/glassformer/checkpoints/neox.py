@@ -7,27 +7,43 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, zeros_like_bias
+from glassformer.checkpoints.hf import (
+    Family,
+    HFState,
+    Transform,
+    activation,
+    map_biases,
+    map_rows,
+    same,
+    zeros_like_bias,
+)
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
+
+
+def _regroup(t: Tensor, outer: int, inner: int) -> Tensor:
+    """Rows grouped (outer, inner, d_head) -> (inner, outer, d_head), same shape overall."""
+    return t.reshape(outer, inner, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+# NeoX orders the fused rows [q0 k0 v0 q1 k1 v1 …] (per head); glassformer [Q… K… V…].
+by_head = Transform(lambda ts, cfg: _regroup(ts[0], cfg.n_heads, 3), lambda t, cfg: (_regroup(t, 3, cfg.n_heads),))
+
 
 LAYER = [
     ("ln1.w", "input_layernorm.weight", same),
     ("ln1.b", "input_layernorm.bias", same),
     ("ln2.w", "post_attention_layernorm.weight", same),
     ("ln2.b", "post_attention_layernorm.bias", same),
+    ("attn.qkv_weight", "attention.query_key_value.weight", by_head),
     ("attn.o_weight", "attention.dense.weight", same),
     ("mlp.in_weight", "mlp.dense_h_to_4h.weight", same),
     ("mlp.b_in", "mlp.dense_h_to_4h.bias", same),
     ("mlp.out_weight", "mlp.dense_4h_to_h.weight", same),
     ("mlp.b_out", "mlp.dense_4h_to_h.bias", same),
 ]
-
-
-def by_head_to_by_kind(t: Tensor, n_heads: int) -> Tensor:
-    """NeoX orders the fused rows [q0 k0 v0 q1 k1 v1 …] (per head); glassformer [Q… K… V…]."""
-    per_head = t.reshape(n_heads, 3, -1, *t.shape[1:])  # (n_heads, 3, d_head[, d_model])
-    return per_head.transpose(0, 1).reshape(t.shape)
+# Absent when the config sets attention_bias=False: then zeros.
+ATTN_BIASES = [("attn.qkv_bias", "attention.query_key_value.bias", by_head), ("attn.b_O", "attention.dense.bias", same)]
 
 
 def rotary(hf: dict[str, Any]) -> tuple[float, float]:
@@ -70,24 +86,14 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
         "ln_final.w": get("final_layer_norm.weight"),
         "ln_final.b": get("final_layer_norm.bias"),
     }
-    like = state["embed.W_E"]
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}.", f"layers.{i}."
-        state |= map_rows(get, LAYER, ours, theirs)
-        state[ours + "attn.qkv_weight"] = by_head_to_by_kind(
-            get(theirs + "attention.query_key_value.weight"), cfg.n_heads
-        )
-        bias = get.find(theirs + "attention.query_key_value.bias")
-        qkv = 3 * cfg.n_heads * cfg.d_head
-        state[ours + "attn.qkv_bias"] = (
-            zeros_like_bias(qkv, like) if bias is None else by_head_to_by_kind(bias, cfg.n_heads)
-        )
-        o_bias = get.find(theirs + "attention.dense.bias")
-        state[ours + "attn.b_O"] = zeros_like_bias(cfg.d_model, like) if o_bias is None else o_bias
+        state |= map_rows(get, LAYER, cfg, ours, theirs)
+        state |= map_biases(get, ATTN_BIASES, cfg, ours, theirs, like=state["embed.W_E"])
     if not cfg.tie_embeddings:
         head = get.find("embed_out.weight")  # older checkpoints; newer ones name it lm_head
         state["unembed.weight"] = head if head is not None else get("lm_head.weight")
-    state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, like)
+    state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
     return state
 
 
