@@ -76,6 +76,13 @@ class Transformer(HookedRoot):
 
         return from_hf(source, allow_pickle)
 
+    def to_hf(self, directory: str | Path) -> Path:
+        """Write this decoder as a Hugging Face checkpoint (GPT-2, Llama/Qwen2 or GPT-NeoX layout,
+        whichever fits the config) that `transformers` opens with the same numbers."""
+        from glassformer.checkpoints.hf import to_hf
+
+        return to_hf(self, directory)
+
     def save(self, directory: str | Path) -> Path:
         """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
         from glassformer.checkpoints.native import save

@@ -7,7 +7,20 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, transposed, zeros_like_bias
+from glassformer.checkpoints.hf import (
+    PLAIN_DECODER,
+    Family,
+    HFState,
+    activation,
+    fit,
+    hf_activation,
+    map_rows,
+    require_zero,
+    same,
+    transposed,
+    unmap_rows,
+    zeros_like_bias,
+)
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -67,4 +80,45 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
     return state
 
 
-FAMILY = Family(config, weights, prefixes=("transformer.",))
+def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
+    fit(
+        cfg,
+        "gpt2",
+        **PLAIN_DECODER,
+        positional="learned",
+        norm="layernorm",
+        bias=True,
+        parallel_attn_mlp=False,
+        n_kv_heads=cfg.n_heads,
+        d_head=cfg.d_model // cfg.n_heads,
+    )
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "vocab_size": cfg.d_vocab,
+        "n_positions": cfg.n_ctx,
+        "n_inner": cfg.d_mlp,
+        "activation_function": hf_activation(cfg.act),
+        "layer_norm_epsilon": cfg.eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+    }
+
+
+def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    require_zero(state, ["unembed.b_U"], "gpt2")
+    out = unmap_rows(state, TOP, cfg)
+    for i in range(cfg.n_layers):
+        out |= unmap_rows(state, LAYER, cfg, ours=f"blocks.{i}.", theirs=f"h.{i}.")
+    out = {f"transformer.{k}": v for k, v in out.items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["unembed.weight"]
+    return out
+
+
+FAMILY = Family(config, weights, prefixes=("transformer.",), export=export, hf_config=hf_config)

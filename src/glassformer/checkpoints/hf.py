@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints.files import read_json, read_weights
+from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.native import check_state
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
@@ -90,13 +91,13 @@ class Family:
     weights: Callable[[HFState, Config], dict[str, Tensor]]
     prefixes: tuple[str, ...]
     export: Callable[[dict[str, Tensor], Config], dict[str, Tensor]] | None = None
-    hf_config: Callable[[Config], dict[str, Any]] | None = None  # raises if the config does not fit
+    hf_config: Callable[[Config, dict[str, Tensor]], dict[str, Any]] | None = None  # raises if it does not fit
 
 
 def families() -> dict[str, Family]:
     from glassformer.checkpoints import bart, bert, gpt2, llama, neox
 
-    return {
+    return {  # model_type -> family; llama, mistral and qwen2 differ only in config details
         "gpt2": gpt2.FAMILY,
         "llama": llama.FAMILY,
         "mistral": llama.FAMILY,
@@ -106,6 +107,29 @@ def families() -> dict[str, Family]:
         "bart": bart.FAMILY,
         "marian": bart.FAMILY,
     }
+
+
+def to_hf(model: Transformer, directory: str | Path) -> Path:
+    """Write a decoder as a Hugging Face checkpoint (config.json + model.safetensors) that
+    `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens with the same numbers."""
+    cfg, state = model.cfg, {k: v.detach() for k, v in model.state_dict().items()}
+    known, preferred = families(), cfg.extra.get("hf_model_type")
+    exporters = {id(fam): fam for name, fam in sorted(known.items(), key=lambda kv: kv[0] != preferred) if fam.export}
+    problems = []
+    for family in exporters.values():
+        try:
+            hf_config, tensors = family.hf_config(cfg, state), family.export(state, cfg)
+            break
+        except CheckpointError as err:
+            problems.append(str(err))
+    else:
+        raise CheckpointError("no Hugging Face decoder family fits this model:\n  " + "\n  ".join(problems))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # no shared or strided storage
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_json(directory / "config.json", {**hf_config, "dtype": str(model.embed.W_E.dtype).removeprefix("torch.")})
+    return directory
 
 
 def read_config(source: Any) -> tuple[dict[str, Any], str]:
@@ -171,6 +195,30 @@ def map_biases(
         missing = any(t is None for t in found)
         out[ours + mine] = zeros_like_bias(bias_sizes(cfg)[mine], like) if missing else transform.to_ours(found, cfg)
     return out
+
+
+def fit(cfg: Config, family: str, **needs: Any) -> None:
+    """Raise unless every named Config field has the value the target family can express."""
+    wrong = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in needs.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise CheckpointError(f"cannot be written as {family}: {', '.join(wrong)}")
+
+
+# Fields every decoder family needs as they are by default.
+PLAIN_DECODER = dict(
+    arch="decoder",
+    norm_position="pre",
+    attn_only=False,
+    embed_norm=False,
+    embed_scale=1.0,
+    n_token_types=0,
+    head_transform=False,
+    pooler=False,
+)
+
+
+def hf_activation(act: str) -> str:
+    return {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}[act]
 
 
 def require_zero(state: dict[str, Tensor], names: Sequence[str], family: str) -> None:

@@ -7,7 +7,19 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, map_biases, map_rows, same, stacked, zeros_like_bias
+from glassformer.checkpoints.hf import (
+    PLAIN_DECODER,
+    Family,
+    HFState,
+    fit,
+    map_biases,
+    map_rows,
+    require_zero,
+    same,
+    stacked,
+    unmap_rows,
+    zeros_like_bias,
+)
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -84,4 +96,65 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
     return state
 
 
-FAMILY = Family(config, weights, prefixes=("model.",))
+def nonzero(state: dict[str, Tensor], cfg: Config, *names: str) -> bool:
+    return any(bool(state[f"blocks.{i}.{n}"].any()) for i in range(cfg.n_layers) for n in names if cfg.bias)
+
+
+def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
+    fit(
+        cfg,
+        "llama",
+        **PLAIN_DECODER,
+        positional="rotary",
+        rotary_dim=cfg.d_head,
+        norm="rmsnorm",
+        act="swiglu",
+        parallel_attn_mlp=False,
+    )
+    attention_bias = nonzero(state, cfg, "attn.qkv_bias", "attn.b_O")
+    mlp_bias = nonzero(state, cfg, "mlp.b_in", "mlp.b_out")
+    if nonzero(state, cfg, "attn.qkv_bias") and not (mlp_bias or nonzero(state, cfg, "attn.b_O")):
+        model_type = "qwen2"  # Q/K/V biases only
+    else:
+        model_type = "mistral" if cfg.extra.get("hf_model_type") == "mistral" and not attention_bias else "llama"
+    architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    return {
+        "model_type": model_type,
+        "architectures": [architecture[model_type]],
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.d_head,
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.eps,
+        "vocab_size": cfg.d_vocab,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "rope_theta": cfg.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "attention_bias": attention_bias,
+        "mlp_bias": mlp_bias,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "attention_dropout": cfg.dropout,
+    }
+
+
+def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    require_zero(state, ["unembed.b_U"], "a Llama-family model")
+    attention_bias = nonzero(state, cfg, "attn.qkv_bias", "attn.b_O")
+    mlp_bias = nonzero(state, cfg, "mlp.b_in", "mlp.b_out")
+    qwen2 = nonzero(state, cfg, "attn.qkv_bias") and not (mlp_bias or nonzero(state, cfg, "attn.b_O"))
+    biases = BIASES[:1] if qwen2 else BIASES[:2] * attention_bias + BIASES[2:] * mlp_bias
+    out = {"embed_tokens.weight": state["embed.W_E"], "norm.weight": state["ln_final.w"]}
+    for i in range(cfg.n_layers):
+        out |= unmap_rows(state, LAYER + biases, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
+    out = {f"model.{k}": v for k, v in out.items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["unembed.weight"]
+    return out
+
+
+FAMILY = Family(config, weights, prefixes=("model.",), export=export, hf_config=hf_config)

@@ -8,13 +8,18 @@ from typing import Any
 from torch import Tensor
 
 from glassformer.checkpoints.hf import (
+    PLAIN_DECODER,
     Family,
     HFState,
     Transform,
     activation,
+    fit,
+    hf_activation,
     map_biases,
     map_rows,
+    require_zero,
     same,
+    unmap_rows,
     zeros_like_bias,
 )
 from glassformer.config import Config
@@ -97,4 +102,53 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
     return state
 
 
-FAMILY = Family(config, weights, prefixes=("gpt_neox.",))
+def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
+    fit(
+        cfg,
+        "gpt_neox",
+        **PLAIN_DECODER,
+        positional="rotary",
+        norm="layernorm",
+        bias=True,
+        n_kv_heads=cfg.n_heads,
+        d_head=cfg.d_model // cfg.n_heads,
+    )
+    fraction = cfg.rotary_dim / cfg.d_head
+    return {
+        "model_type": "gpt_neox",
+        "architectures": ["GPTNeoXForCausalLM"],
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_mlp,
+        "vocab_size": cfg.d_vocab,
+        "max_position_embeddings": cfg.n_ctx,
+        "layer_norm_eps": cfg.eps,
+        "hidden_act": hf_activation(cfg.act),
+        "use_parallel_residual": cfg.parallel_attn_mlp,
+        "rotary_pct": fraction,
+        "rotary_emb_base": cfg.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": fraction},
+        "attention_bias": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": cfg.dropout,
+        "hidden_dropout": cfg.dropout,
+    }
+
+
+def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    require_zero(state, ["unembed.b_U"], "gpt_neox")
+    out = {
+        "embed_in.weight": state["embed.W_E"],
+        "final_layer_norm.weight": state["ln_final.w"],
+        "final_layer_norm.bias": state["ln_final.b"],
+    }
+    for i in range(cfg.n_layers):
+        out |= unmap_rows(state, LAYER + ATTN_BIASES, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
+    out = {f"gpt_neox.{k}": v for k, v in out.items()}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["unembed.weight"]
+    return out
+
+
+FAMILY = Family(config, weights, prefixes=("gpt_neox.",), export=export, hf_config=hf_config)
