@@ -257,3 +257,55 @@ def test_converted_config_records_the_source():
         2,
         "qwen2",
     )
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_from_hf_to_hf_from_hf_round_trip(tmp_path, family):
+    """transformers -> glassformer -> Hugging Face directory: transformers reopens it with the same
+    logits, and glassformer reopens it bit for bit."""
+    hf = build(family)
+    model = gf.Transformer.from_hf(hf)
+    model.to_hf(tmp_path)
+    reopened = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reopened) is type(hf)
+    tokens, mask = padded_batch(101)
+    with torch.no_grad():
+        torch.testing.assert_close(reopened(tokens).logits, hf(tokens).logits, atol=1e-6, rtol=0)
+        assert torch.equal(
+            gf.Transformer.from_hf(tmp_path)(tokens, attention_mask=mask), model(tokens, attention_mask=mask)
+        )
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(positional="learned", act="gelu_new", tie_embeddings=True),
+        dict(positional="rotary", norm="rmsnorm", act="swiglu", bias=False, n_kv_heads=2),
+        dict(positional="rotary", rotary_dim=4, parallel_attn_mlp=True, act="gelu"),
+    ],
+)
+def test_a_model_made_in_glassformer_opens_in_transformers(tmp_path, kw):
+    cfg = gf.Config(**{**dict(n_layers=2, d_model=32, n_heads=4, d_vocab=50, n_ctx=16), **kw})
+    model = gf.Transformer(cfg, seed=0).eval()
+    if cfg.bias:  # make the zero-initialised biases count (the unembedding bias must stay zero)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.split(".")[-1].startswith("b") and name != "unembed.b_U":
+                    p.normal_(0, 0.1)
+    model.to_hf(tmp_path)
+    reopened = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(reopened(tokens).logits, model(tokens), atol=1e-5, rtol=0)
+
+
+def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
+    encoder = gf.Transformer(gf.Config(arch="encoder", n_layers=1, d_model=8, n_heads=2, d_vocab=10, n_ctx=4))
+    with pytest.raises(gf.CheckpointError, match="(?s)no Hugging Face decoder family fits.*arch='encoder'"):
+        encoder.to_hf(tmp_path)
+    gpt2_like = gf.Transformer(gf.Config(n_layers=1, d_model=8, n_heads=2, d_vocab=10, n_ctx=4), seed=0)
+    with torch.no_grad():
+        gpt2_like.unembed.b_U.fill_(1.0)
+    with pytest.raises(gf.CheckpointError, match="non-zero biases \\['unembed.b_U'\\]"):
+        gpt2_like.to_hf(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
