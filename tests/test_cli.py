@@ -35,3 +35,46 @@ def test_module_entry_point():
         check=True,
     )
     assert "[1.376, 1.376, 0.500, 1.752]" in out.stdout
+
+
+def small_hf_checkpoint(directory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+
+
+def test_convert_then_info(tmp_path, capsys):
+    import torch
+
+    import glassformer as gf
+
+    small_hf_checkpoint(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "gf")]) == 0
+    out = capsys.readouterr().out
+    assert "(gpt2) ->" in out and "blocks" in out
+    model = gf.Transformer.load(tmp_path / "gf")
+    assert model.cfg.extra["hf_model_type"] == "gpt2"
+    assert main(["info", str(tmp_path / "gf")]) == 0
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in model.parameters())
+    assert f"parameters: {total:,}" in out and "model.safetensors" in out
+    assert torch.equal(model.embed.W_E, gf.Transformer.from_hf(tmp_path / "hf").embed.W_E)
+
+
+def test_convert_refuses_pickles_without_the_flag(tmp_path, capsys):
+    import torch
+    import transformers
+
+    small_hf_checkpoint(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "gf")]) == 2
+    assert "allow_pickle=True" in capsys.readouterr().err
+    assert not (tmp_path / "gf").exists()
+    assert main(["convert", "--allow-pickle", str(tmp_path / "hf"), str(tmp_path / "gf")]) == 0

@@ -1,10 +1,11 @@
-"""`glassformer` command line: `glassformer trace …` (more subcommands arrive with their features)."""
+"""`glassformer` command line: trace, convert, info."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -67,6 +68,38 @@ def cmd_trace(args: argparse.Namespace) -> None:
     print("\n(random weights: the numbers show the arithmetic, not a trained model's behaviour)")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    model = Transformer.from_hf(args.hf_dir, allow_pickle=args.allow_pickle)
+    model.save(args.out_dir)
+    print(f"converted {args.hf_dir} ({model.cfg.extra.get('hf_model_type')}) -> {args.out_dir}")
+    print_info(model, Path(args.out_dir))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    print_info(Transformer.load(args.dir), Path(args.dir))
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def print_info(model: Transformer, directory: Path) -> None:
+    """The config, parameter counts by part, and the checkpoint's size on disk."""
+    cfg = model.cfg
+    print(f"{directory}: {cfg.arch}, {cfg.n_layers} layers, d_model={cfg.d_model}, {cfg.n_heads} heads")
+    for name, value in cfg.to_dict().items():
+        print(f"  {name:<18} {value}")
+    total = count(model)
+    parts = {name: count(child) for name, child in model.named_children() if count(child)}
+    print(
+        f"parameters: {total:,} ({total * model.embed.W_E.element_size() / 2**20:.1f} MiB as {model.embed.W_E.dtype})"
+    )
+    for name, n in parts.items():
+        print(f"  {name:<18} {n:>14,}  {100 * n / total:5.1f}%")
+    files = sorted(directory.iterdir())
+    print("files: " + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files if f.is_file()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-values", type=int, default=8, help="show vectors up to this size in full")
     add_config_flags(p)
     p.set_defaults(run=cmd_trace)
+
+    p = sub.add_parser("convert", help="convert a local Hugging Face checkpoint directory to glassformer's format")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards)")
+    p.add_argument("out_dir", help="where to write config.json and model.safetensors")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pickled pytorch_model.bin (weights only)")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a glassformer checkpoint: config, parameters, sizes")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_info)
     return parser
 
 
