@@ -100,8 +100,11 @@ class Config:
             raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"Config.eps={self.eps!r} must be positive")
-        if self.parallel_attn_mlp and (self.norm_position != "pre" or self.attn_only):
-            raise ValueError("Config.parallel_attn_mlp=True needs norm_position='pre' and an MLP (attn_only=False)")
+        if self.parallel_attn_mlp and (self.norm_position != "pre" or self.attn_only or self.arch == "encoder-decoder"):
+            raise ValueError(
+                "Config.parallel_attn_mlp=True needs norm_position='pre', an MLP (attn_only=False) and a single "
+                "stack (arch 'decoder' or 'encoder': a parallel block has no place for cross-attention)"
+            )
         if isinstance(self.n_token_types, bool) or not isinstance(self.n_token_types, int) or self.n_token_types < 0:
             raise ValueError(f"Config.n_token_types={self.n_token_types!r} must be a non-negative integer")
         if self.n_token_types and self.arch == "encoder-decoder":

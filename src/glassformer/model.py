@@ -181,9 +181,9 @@ def init_weights(model: Transformer, seed: int | None = None) -> None:
         leaf = name.rsplit(".", 1)[-1]
         if param.is_meta:  # built to receive checkpoint weights: nothing to initialise
             continue
-        if leaf == "w":
+        if leaf == "w":  # norm gains
             param.fill_(1.0)
-        elif leaf.startswith("b"):
+        elif param.dim() == 1:  # every other vector is a bias
             param.zero_()
         else:
             std = cfg.init_std / math.sqrt(writes) if leaf in ("o_weight", "out_weight") else cfg.init_std

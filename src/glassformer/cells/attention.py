@@ -19,30 +19,30 @@ from glassformer.cells.position import Rotary
 from glassformer.cells.views import WeightView
 from glassformer.config import Config
 from glassformer.hooks import HookPoint
+from glassformer.kv_cache import LayerKV
 
 
 class AttentionMask:
     """Which keys a query may attend to, from key padding: built once per forward, shared by layers.
 
-    `key_valid` is `(batch, k_pos)` bool, or None when no key is padding. A query with no visible key
-    (a padding query under left padding) is allowed every key, so its row stays finite.
+    `key_valid` is `(batch, k_pos)` bool, or None when no key is padding. `q_slots` (pos,) place the
+    queries among the keys for the causal order (decoding with a KV cache); by default the queries
+    are the last q_pos of the k_pos keys. A query with no visible key (a padding query under left
+    padding) is allowed every key, so its row stays finite.
     """
 
-    def __init__(self, key_valid: Tensor | None) -> None:
-        self.key_valid = key_valid
+    def __init__(self, key_valid: Tensor | None, q_slots: Tensor | None = None) -> None:
+        self.key_valid, self.q_slots = key_valid, q_slots
         self._dense: dict[tuple[bool, int, int], Tensor | None] = {}
 
     def allowed(self, causal: bool, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
-        """(batch or 1, 1, q_pos, k_pos) bool, or None when every key is visible to every query.
-
-        Queries are the last q_len of k_len positions, as when decoding with a cache.
-        """
+        """(batch or 1, 1, q_pos, k_pos) bool, or None when every key is visible to every query."""
         key = (causal, q_len, k_len)
         if key not in self._dense:
             mask = None
             if causal:
-                q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-                mask = (torch.arange(k_len, device=device)[None, :] <= q_idx)[None, None]  # (1, 1, pos, k_pos)
+                q_idx = self.q_slots if self.q_slots is not None else torch.arange(k_len - q_len, k_len, device=device)
+                mask = (torch.arange(k_len, device=device)[None, :] <= q_idx[:, None])[None, None]  # (1, 1, pos, k_pos)
             if self.key_valid is not None:
                 keys = self.key_valid[:, None, None, :]  # (batch, 1, 1, k_pos)
                 mask = keys if mask is None else mask & keys  # (batch, 1, pos, k_pos)
@@ -131,9 +131,8 @@ class Attention(nn.Module):
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (batch, pos, (n_heads + 2 n_kv_heads) d_head)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
-            q_bias = self._part(self.qkv_bias, 0, self.q_size)
+            q = self.project_q(x)
             kv_bias = self._part(self.qkv_bias, self.q_size, 2 * self.kv_size)
-            q = F.linear(x, self.qkv_weight[: self.q_size], q_bias)  # (batch, pos, n_heads d_head)
             kv = F.linear(kv_input, self.qkv_weight[self.q_size :], kv_bias)  # (batch, k_pos, 2 n_kv_heads d_head)
             k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, pos, self.n_heads, self.d_head)  # (batch, pos, n_heads, d_head)
@@ -141,22 +140,43 @@ class Attention(nn.Module):
         v = v.view(batch, -1, self.n_kv_heads, self.d_head)
         return q, k, v
 
+    def project_q(self, x: Tensor) -> Tensor:
+        """Queries alone `(batch, pos, n_heads, d_head)`: cross-attention once the encoder's K/V are cached."""
+        q = F.linear(x, self.qkv_weight[: self.q_size], self._part(self.qkv_bias, 0, self.q_size))
+        return q.view(*x.shape[:2], self.n_heads, self.d_head)
+
+    def keys_values(
+        self, x: Tensor, positions: Tensor | None, kv_input: Tensor | None, cache: LayerKV | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q `(batch, pos, n_heads, d_head)` and k, v head-first `(batch, n_kv_heads, k_pos, d_head)`:
+        this step's keys, or every cached slot when decoding with a KV cache."""
+        if cache is not None and cache.filled:  # cross-attention: the encoder's keys were cached
+            return self.hook_q(self.project_q(x)), cache.k, cache.v
+        q, k, v = self.project(x, kv_input)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.rotary is not None:
+            q = self.hook_rot_q(self.rotary(q, positions))
+            k = self.hook_rot_k(self.rotary(k, positions))
+        if cache is None:
+            return q, k.transpose(1, 2), v.transpose(1, 2)
+        if kv_input is not None:
+            cache.store(k, v)
+            return q, cache.k, cache.v
+        return q, *cache.write(k, v)
+
     def forward(
         self,
         x: Tensor,
         mask: AttentionMask | None = None,
         positions: Tensor | None = None,
         kv_input: Tensor | None = None,
+        cache: LayerKV | None = None,
     ) -> Tensor:
         """x (batch, pos, d_model) -> attention output (batch, pos, d_model)."""
-        q, k, v = self.project(x, kv_input)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        if self.rotary is not None:
-            q = self.hook_rot_q(self.rotary(q, positions))
-            k = self.hook_rot_k(self.rotary(k, positions))
+        q, k, v = self.keys_values(x, positions, kv_input, cache)
         mask = mask or AttentionMask(None)
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[1], q.device))
+            z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device))
         else:
             z = self._fused(q, k, v, mask)
         z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
@@ -168,12 +188,12 @@ class Attention(nn.Module):
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""
-        is_causal = self.causal and mask.key_valid is None and q.shape[1] == k.shape[1]
-        allowed = None if is_causal else mask.allowed(self.causal, q.shape[1], k.shape[1], q.device)
+        is_causal = self.causal and mask.key_valid is None and q.shape[1] == k.shape[2]
+        allowed = None if is_causal else mask.allowed(self.causal, q.shape[1], k.shape[2], q.device)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
-            k.transpose(1, 2),  # (batch, n_kv_heads, k_pos, d_head)
-            v.transpose(1, 2),
+            k,  # (batch, n_kv_heads, k_pos, d_head)
+            v,
             attn_mask=allowed,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
@@ -185,13 +205,13 @@ class Attention(nn.Module):
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
         """Cells 4-5 step by step: dot product, scale, mask, softmax, weighted sum of values."""
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)  # (batch, k_pos, n_heads, d_head)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale  # (batch, n_heads, pos, k_pos)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, k_pos, d_head)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = torch.einsum("bqhd,bhkd->bhqk", q, k) * self.scale  # (batch, n_heads, pos, k_pos)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, n_heads, pos, k_pos)
         if self.training and self.dropout:
             pattern = F.dropout(pattern, self.dropout)
-        return torch.einsum("bhqk,bkhd->bqhd", pattern, v)  # (batch, pos, n_heads, d_head)
+        return torch.einsum("bhqk,bhkd->bqhd", pattern, v)  # (batch, pos, n_heads, d_head)

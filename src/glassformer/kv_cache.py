@@ -1,0 +1,82 @@
+"""The KV cache: keys and values of every attention layer, preallocated once per generation.
+
+Each layer's keys and values live in `(batch, n_kv_heads, max_len, d_head)` tensors written by
+index (gpt-fast's static-shape design): a decoding step writes its new keys at `slots` and
+attends over all `max_len` slots, masked to those filled with real tokens, so every step has the
+same shapes and can be compiled. Grouped-query heads are cached once per key/value head.
+Cross-attention keys and values (from the encoder output) are computed at the first step and kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from glassformer.config import Config
+
+
+class LayerKV:
+    """One attention layer's slice of the cache."""
+
+    def __init__(self, cache: KVCache, k: Tensor, v: Tensor) -> None:
+        self.cache, self.k, self.v = cache, k, v  # k, v: (batch, n_kv_heads, max_len, d_head)
+        self.filled = False  # cross-attention: whether the encoder's keys are in
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new keys/values `(batch, pos, n_kv_heads, d_head)` at the step's slots; return all
+        slots, `(batch, n_kv_heads, max_len, d_head)`."""
+        self.k.index_copy_(2, self.cache.slots, k.transpose(1, 2).to(self.k.dtype))
+        self.v.index_copy_(2, self.cache.slots, v.transpose(1, 2).to(self.v.dtype))
+        return self.k, self.v
+
+    def store(self, k: Tensor, v: Tensor) -> None:
+        """Cross-attention: keep the encoder's keys/values `(batch, src_pos, n_kv_heads, d_head)`."""
+        self.k.copy_(k.transpose(1, 2))
+        self.v.copy_(v.transpose(1, 2))
+        self.filled = True
+
+
+class KVCache:
+    """Preallocated keys and values for `n_layers` attention layers (plus cross-attention ones).
+
+    `slots` are the cache positions the current step writes; `key_valid (batch, max_len)` marks
+    slots holding a real (not padding, already written) token.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        batch: int,
+        max_len: int,
+        n_layers: int,
+        src_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, cfg.n_kv_heads, max_len, cfg.d_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, batch, n_kv_heads, max_len, d_head)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.layers = [LayerKV(self, self.k[i], self.v[i]) for i in range(n_layers)]
+        self.cross: list[LayerKV | None] = [None] * n_layers
+        if src_len is not None:
+            cross_shape = (n_layers, batch, cfg.n_kv_heads, src_len, cfg.d_head)
+            self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
+            self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
+            self.cross = [LayerKV(self, self.cross_k[i], self.cross_v[i]) for i in range(n_layers)]
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.slots = torch.zeros(0, dtype=torch.long, device=device)
+        self.length = 0  # slots written so far
+
+    def advance(self, valid: Tensor) -> None:
+        """Start a step of `valid.shape[1]` tokens; `valid (batch, pos)` marks the real ones."""
+        n = valid.shape[1]
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, {n} more requested")
+        self.slots = torch.arange(self.length, self.length + n, device=self.key_valid.device)
+        self.key_valid[:, self.length : self.length + n] = valid
+        self.length += n
+
+    def numel(self) -> int:
+        """Elements held for self-attention: 2 · layers · batch · max_len · n_kv_heads · d_head."""
+        return self.k.numel() + self.v.numel()
