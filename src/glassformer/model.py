@@ -8,6 +8,7 @@ and `decoder.blocks.…`. Legend: batch, pos, d_model, d_vocab.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from glassformer.config import Config
 from glassformer.errors import InputError
 from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
+from glassformer.kv_cache import KVCache
 
 
 def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
@@ -155,18 +157,53 @@ class Transformer(HookedRoot):
         encoder_out: Tensor | None = None,
         encoder_mask: AttentionMask | None = None,
         token_type_ids: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> Tensor:
         batch, pos = tokens.shape
-        positions = None if mask.key_valid is None else (mask.key_valid.cumsum(-1) - 1).clamp(min=0)
+        if positions is None and mask.key_valid is not None:  # count real tokens only
+            positions = (mask.key_valid.cumsum(-1) - 1).clamp(min=0)
         resid = stack.hook_embed(self.embed(tokens))  # (batch, pos, d_model)
         if stack.pos_embed is not None:
             resid = resid + stack.hook_pos_embed(stack.pos_embed(positions, batch, pos))
         if stack.token_type_embed is not None:
             resid = resid + stack.hook_token_type_embed(stack.token_type_embed(token_type_ids, tokens))
         resid = self.drop(stack.ln_embed(resid))
-        for block in stack.blocks:
-            resid = block(resid, mask, positions, encoder_out, encoder_mask)
+        for i, block in enumerate(stack.blocks):
+            layer_cache = (None, None) if cache is None else (cache.layers[i], cache.cross[i])
+            resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache)
         return stack.ln_final(resid)  # (batch, pos, d_model)
+
+    def decode(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        encoder_out: Tensor | None = None,
+        encoder_mask: AttentionMask | None = None,
+    ) -> Tensor:
+        """One generation step: `tokens (batch, pos)` at `positions (batch, pos)`, written into the
+        KV cache at the slots `cache.advance` opened; returns the next-token logits (batch, d_vocab).
+
+        No input checks here (this is the decode hot path): `generate` checks the prompt once.
+        """
+        stack = self.decoder if self.cfg.arch == "encoder-decoder" else self
+        mask = AttentionMask(cache.key_valid, q_slots=cache.slots)
+        resid = self._run_stack(stack, tokens, mask, encoder_out, encoder_mask, positions=positions, cache=cache)
+        return self.hook_logits(self.unembed(resid[:, -1:]))[:, 0]  # only the last position is needed
+
+    def generate(self, tokens: Tensor, max_new_tokens: int, **options: Any) -> Any:
+        """Prompt and new tokens together (batch, pos + new), as `transformers` returns them; see
+        `glassformer.generate.generate` for the options (sampling, EOS, padding, hooks, compile)."""
+        from glassformer.generate import generate
+
+        return generate(self, tokens, max_new_tokens, **options)
+
+    def stream(self, tokens: Tensor, max_new_tokens: int, **options: Any) -> Iterator[Tensor]:
+        """Yield each step's new tokens (batch,) as they are decoded; options as for `generate`."""
+        from glassformer.generate import stream
+
+        return stream(self, tokens, max_new_tokens, **options)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from glassformer.cells.position import Rotary
 from glassformer.config import Config
 from glassformer.errors import InputError
 from glassformer.hooks import HookPoint
+from glassformer.kv_cache import LayerKV
 
 
 class Block(nn.Module):
@@ -54,11 +55,13 @@ class Block(nn.Module):
         positions: Tensor | None = None,
         encoder_out: Tensor | None = None,
         encoder_mask: AttentionMask | None = None,
+        cache: LayerKV | None = None,
+        cross_cache: LayerKV | None = None,
     ) -> Tensor:
         if resid.dim() != 3 or resid.shape[-1] != self.d_model:
             raise InputError(f"resid must be (batch, pos, d_model={self.d_model}), got {tuple(resid.shape)}")
         resid = self.hook_resid_pre(resid)
-        attend = partial(self.attn, mask=mask, positions=positions)
+        attend = partial(self.attn, mask=mask, positions=positions, cache=cache)
         if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together
             attn_out = self.drop(self.hook_attn_out(attend(self.ln1(resid))))
             mlp_out = self.drop(self.hook_mlp_out(self.mlp(self.ln2(resid))))
@@ -67,7 +70,7 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             if encoder_out is None:
                 raise InputError("a decoder block with cross-attention needs encoder_out (batch, src_pos, d_model)")
-            cross = partial(self.cross_attn, mask=encoder_mask, kv_input=encoder_out)
+            cross = partial(self.cross_attn, mask=encoder_mask, kv_input=encoder_out, cache=cross_cache)
             resid = self.hook_resid_mid_cross(self.add(resid, self.ln_cross, cross, self.hook_cross_attn_out))
         if self.mlp is not None:
             resid = self.add(resid, self.ln2, self.mlp, self.hook_mlp_out)

@@ -1,0 +1,205 @@
+"""Decoding with a KV cache: greedy, temperature, top-k, top-p; stop tokens; left-padded batches;
+hooks at every step; an optional compiled decode step.
+
+The prompt runs once (prefill) and fills the cache; each later step feeds one token per row.
+Positions count real tokens, so a left-padded row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from glassformer.cells.attention import AttentionMask
+from glassformer.errors import InputError
+from glassformer.hooks import ActivationCache, HookPoint, HookSpec
+from glassformer.inputs import check_mask, check_tokens
+from glassformer.kv_cache import KVCache
+from glassformer.model import Transformer
+
+
+def sample(
+    logits: Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next tokens (batch,) from logits (batch, d_vocab): the argmax, or a draw from the softmax of
+    logits / temperature restricted to the top_k tokens and the smallest set holding top_p mass."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (batch, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of better tokens
+        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_options(
+    model: Transformer, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be positive (use do_sample=False for greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+    if model.cfg.arch == "encoder":
+        raise InputError("an encoder-only model does not generate; use a decoder or an encoder-decoder")
+
+
+def _start(
+    model: Transformer,
+    tokens: Tensor,
+    attention_mask: Tensor | None,
+    max_new_tokens: int,
+    decoder_start_token_id: int | None,
+) -> tuple[Tensor, Tensor, KVCache, Tensor | None, AttentionMask | None]:
+    """Checked decoder input, its validity mask, a fresh cache, and the encoder's output if any."""
+    cfg = model.cfg
+    prompt = check_tokens(tokens, cfg, "tokens")
+    valid = check_mask(attention_mask, prompt)
+    encoder_out = encoder_mask = None
+    if cfg.arch == "encoder-decoder":
+        start = (
+            decoder_start_token_id if decoder_start_token_id is not None else cfg.extra.get("decoder_start_token_id")
+        )
+        if start is None:
+            raise InputError("an encoder-decoder model needs decoder_start_token_id to begin the target")
+        encoder_mask = AttentionMask(valid)
+        encoder_out = model._run_stack(model.encoder, prompt, encoder_mask)
+        prompt, valid = torch.full((prompt.shape[0], 1), start, device=prompt.device), None
+    if valid is not None and not valid.any(-1).all():
+        raise InputError("a row of the attention mask is all padding: nothing to continue from")
+    max_len = prompt.shape[1] + max_new_tokens
+    if max_len > cfg.n_ctx:
+        raise InputError(
+            f"prompt of {prompt.shape[1]} + max_new_tokens={max_new_tokens} = {max_len} positions "
+            f"exceeds the model's n_ctx={cfg.n_ctx}"
+        )
+    valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid
+    n_layers = cfg.n_decoder_layers if cfg.arch == "encoder-decoder" else cfg.n_layers
+    src_len = None if encoder_out is None else encoder_out.shape[1]
+    weight = model.embed.W_E
+    cache = KVCache(cfg, prompt.shape[0], max_len, n_layers, src_len, dtype=weight.dtype, device=weight.device)
+    return prompt, valid, cache, encoder_out, encoder_mask
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer,
+    tokens: Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    fwd_hooks: Sequence[HookSpec] = (),
+    decoder_start_token_id: int | None = None,
+    compile: bool = False,
+) -> Iterator[Tensor]:
+    """Yield the new token of every row (batch,) at each step, until `max_new_tokens` or until
+    every row has produced `eos_token_id` (a finished row then yields `pad_token_id`, by default
+    the EOS id). `fwd_hooks` apply at every step, as in `run_with_hooks`."""
+    _check_options(model, max_new_tokens, temperature, top_k, top_p)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    prompt, valid, cache, encoder_out, encoder_mask = _start(
+        model, tokens, attention_mask, max_new_tokens, decoder_start_token_id
+    )
+    step = torch.compile(model.decode, dynamic=False) if compile else model.decode
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos): real tokens only
+    next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
+    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
+    with model.hooks(fwd_hooks):
+        cache.advance(valid)
+        logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask)  # prefill, uncompiled
+        for i in range(max_new_tokens):
+            token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (batch,)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                finished |= token == eos_token_id
+            yield token
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                return
+            cache.advance(one_real)
+            logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask)
+            next_position = next_position + 1
+
+
+def _step_recorder() -> tuple[list[HookSpec], dict[str, list[Tensor]]]:
+    """A hook that keeps every step's activations, to be joined along the position axis."""
+    steps: dict[str, list[Tensor]] = {}
+
+    def keep(x: Tensor, hook: HookPoint) -> None:
+        steps.setdefault(hook.name, []).append(x.detach())
+
+    return [(lambda name: True, keep)], steps
+
+
+def _join_steps(steps: dict[str, list[Tensor]]) -> ActivationCache:
+    """Per-step activations joined over positions: pattern and scores along q_pos (axis 2), the
+    rest along pos (axis 1); cross-attention keys and values, computed once, are kept as they are."""
+    joined = {}
+    for name, parts in steps.items():
+        if len(parts) == 1 or name.endswith("hook_pooled"):
+            joined[name] = parts[0]
+        else:
+            joined[name] = torch.cat(parts, dim=2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1)
+    return ActivationCache(joined)
+
+
+def generate(
+    model: Transformer,
+    tokens: Tensor,
+    max_new_tokens: int,
+    *,
+    return_cache: bool = False,
+    fwd_hooks: Sequence[HookSpec] = (),
+    decoder_start_token_id: int | None = None,
+    **options: Any,
+) -> Tensor | tuple[Tensor, ActivationCache]:
+    """Decode `max_new_tokens` and return the input with the new tokens appended (batch, pos + new),
+    as `transformers` does; for an encoder-decoder model, the decoder sequence from its start token.
+
+    Options are those of `stream`. With `return_cache=True` also returns the activations of every
+    step joined along the position axis: q/k/v/z/resid over prompt and new tokens, the pattern as
+    (batch, n_heads, steps' queries, cache slots).
+    """
+    hooks, steps = _step_recorder() if return_cache else ([], {})
+    new = list(
+        stream(
+            model,
+            tokens,
+            max_new_tokens,
+            fwd_hooks=[*fwd_hooks, *hooks],
+            decoder_start_token_id=decoder_start_token_id,
+            **options,
+        )
+    )
+    prompt = check_tokens(tokens, model.cfg)
+    if model.cfg.arch == "encoder-decoder":
+        start = (
+            decoder_start_token_id if decoder_start_token_id is not None else model.cfg.extra["decoder_start_token_id"]
+        )
+        prompt = torch.full((prompt.shape[0], 1), start, device=prompt.device)
+    out = torch.cat([prompt, torch.stack(new, dim=1)], dim=1)  # (batch, pos + new)
+    return (out, _join_steps(steps)) if return_cache else out
