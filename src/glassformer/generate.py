@@ -121,15 +121,15 @@ def stream(
     the EOS id). `fwd_hooks` apply at every step, as in `run_with_hooks`."""
     _check_options(model, max_new_tokens, temperature, top_k, top_p)
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    prompt, valid, cache, encoder_out, encoder_mask = _start(
-        model, tokens, attention_mask, max_new_tokens, decoder_start_token_id
-    )
     step = torch.compile(model.decode, dynamic=False) if compile else model.decode
-    positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos): real tokens only
-    next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
-    with model.hooks(fwd_hooks):
+    with model.hooks(fwd_hooks):  # the encoder's pass, the prefill and every step
+        prompt, valid, cache, encoder_out, encoder_mask = _start(
+            model, tokens, attention_mask, max_new_tokens, decoder_start_token_id
+        )
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos): real tokens only
+        next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         cache.advance(valid)
         logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask)  # prefill, uncompiled
         for i in range(max_new_tokens):

@@ -309,3 +309,37 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     with pytest.raises(gf.CheckpointError, match="non-zero biases \\['unembed.b_U'\\]"):
         gpt2_like.to_hf(tmp_path)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
+def test_greedy_generation_matches_transformers(family):
+    """Same new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
+    hf = build(family)
+    model = gf.Transformer.from_hf(hf)
+    prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    expected = hf.generate(
+        prompt, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(model.generate(prompt, 15, attention_mask=mask), expected)
+
+
+def test_greedy_generation_matches_transformers_encoder_decoder():
+    hf = build("marian")
+    model = gf.Transformer.from_hf(hf)
+    src = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(src)
+    mask[1, 5:] = 0
+    expected = hf.generate(
+        src,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=None,
+        forced_eos_token_id=None,
+        bad_words_ids=None,
+    )
+    out = model.generate(src, 10, attention_mask=mask, decoder_start_token_id=hf.config.decoder_start_token_id)
+    assert torch.equal(out, expected)
