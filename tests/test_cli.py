@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import torch
+
 from glassformer.cli import main
 
 
@@ -78,3 +80,25 @@ def test_convert_refuses_pickles_without_the_flag(tmp_path, capsys):
     assert "allow_pickle=True" in capsys.readouterr().err
     assert not (tmp_path / "gf").exists()
     assert main(["convert", "--allow-pickle", str(tmp_path / "hf"), str(tmp_path / "gf")]) == 0
+
+
+def test_generate_streams_the_continuation_and_reports_speed(tmp_path, capsys):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    import glassformer as gf
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    cfg = gf.Config(n_layers=1, d_model=16, n_heads=2, d_vocab=tokenizer.get_vocab_size(), n_ctx=32)
+    model = gf.Transformer(cfg, seed=0)
+    model.save(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert main(["generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "5", "--greedy"]) == 0
+    out, err = capsys.readouterr()
+    expected = model.generate(torch.tensor([tokenizer.encode("hi").ids]), 5)[0].tolist()
+    assert out.rstrip("\n") == tokenizer.decode(expected)
+    assert "[5 tokens in" in err and "tokens/s]" in err
+    assert main(["generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "40"]) == 2
+    assert "exceeds the model's n_ctx=32" in capsys.readouterr().err

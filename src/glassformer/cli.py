@@ -1,9 +1,11 @@
-"""`glassformer` command line: trace, convert, info."""
+"""`glassformer` command line: trace, generate, convert, info."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from glassformer.errors import GlassformerError
 from glassformer.inspect.examples import two_heads
 from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
+from glassformer.tokenizer import load_tokenizer
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +103,42 @@ def print_info(model: Transformer, directory: Path) -> None:
     print("files: " + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files if f.is_file()))
 
 
+def open_checkpoint(directory: str) -> Transformer:
+    """A glassformer checkpoint, or a Hugging Face one (its config.json names a model_type)."""
+    config = (
+        json.loads((Path(directory) / "config.json").read_text()) if (Path(directory) / "config.json").exists() else {}
+    )
+    return Transformer.from_hf(directory) if "model_type" in config else Transformer.load(directory)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = open_checkpoint(args.checkpoint), load_tokenizer(args.checkpoint)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    options = dict(
+        do_sample=not args.greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        generator=torch.Generator().manual_seed(args.seed),
+        compile=args.compile,
+    )
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for token in model.stream(torch.tensor([ids]), args.max_new_tokens, **options):
+        new.append(int(token[0]))
+        text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
+        print(text[len(shown) :], end="", flush=True)  # print what the new token adds to the text
+        shown = text
+    elapsed = time.perf_counter() - start
+    print(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="where to write config.json and model.safetensors")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickled pytorch_model.bin (weights only)")
     p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint, streaming to the terminal")
+    p.add_argument("checkpoint", help="a glassformer or Hugging Face checkpoint directory with a tokenizer.json")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="take the most likely token instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("info", help="describe a glassformer checkpoint: config, parameters, sizes")
     p.add_argument("dir")
