@@ -1,4 +1,4 @@
-"""`glassformer` command line: trace, generate, convert, info."""
+"""`glassformer` command line: trace, train, sample, generate, convert, info."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,38 +19,36 @@ from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
 from glassformer.tokenizer import load_tokenizer
 
+# Config fields settable from the command line, with their argparse options.
+MODEL_FLAGS: dict[str, dict] = {
+    "arch": dict(choices=ARCHS),
+    "n_layers": dict(type=int),
+    "n_decoder_layers": dict(type=int),
+    "d_model": dict(type=int),
+    "n_heads": dict(type=int),
+    "n_kv_heads": dict(type=int),
+    "d_mlp": dict(type=int),
+    "n_ctx": dict(type=int),
+    "positional": dict(choices=POSITIONALS),
+    "norm": dict(choices=NORMS),
+    "norm_position": dict(choices=NORM_POSITIONS),
+    "act": dict(choices=ACTS),
+    "dropout": dict(type=float),
+    "attn_only": dict(action=argparse.BooleanOptionalAction),
+}
+TRACE_MODEL = dict(arch="decoder", n_layers=1, d_model=8, n_heads=2, n_ctx=64)
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags for the fields of a small Config (the vocabulary is fixed by the byte tokenizer)."""
-    parser.add_argument("--arch", choices=ARCHS, default="decoder")
-    parser.add_argument("--n-layers", type=int, default=1)
-    parser.add_argument("--d-model", type=int, default=8)
-    parser.add_argument("--n-heads", type=int, default=2)
-    parser.add_argument("--n-kv-heads", type=int, default=None)
-    parser.add_argument("--positional", choices=POSITIONALS, default="learned")
-    parser.add_argument("--norm", choices=NORMS, default="layernorm")
-    parser.add_argument("--norm-position", choices=NORM_POSITIONS, default="pre")
-    parser.add_argument("--act", choices=ACTS, default="gelu")
-    parser.add_argument("--attn-only", action="store_true")
-    parser.add_argument("--n-ctx", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+
+def add_config_flags(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """--n-layers, --d-model, … for the Config fields in MODEL_FLAGS; unset ones stay None."""
+    group = parser.add_argument_group("model")
+    for name, options in MODEL_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), default=defaults.get(name), **options)
 
 
-def config_from_flags(args: argparse.Namespace, d_vocab: int) -> Config:
-    return Config(
-        arch=args.arch,
-        n_layers=args.n_layers,
-        d_model=args.d_model,
-        n_heads=args.n_heads,
-        n_kv_heads=args.n_kv_heads,
-        positional=args.positional,
-        norm=args.norm,
-        norm_position=args.norm_position,
-        act=args.act,
-        attn_only=args.attn_only,
-        n_ctx=args.n_ctx,
-        d_vocab=d_vocab,
-    )
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The Config fields given on the command line."""
+    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
 
 
 def byte_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
@@ -65,7 +64,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
         print(trace(model, tokens, position=args.position, labels=labels, max_values=args.max_values))
         return
     tokens, labels = byte_tokens(args.prompt)
-    model = Transformer(config_from_flags(args, d_vocab=256), seed=args.seed).eval()
+    model = Transformer(Config(**config_fields(args), d_vocab=256), seed=args.seed).eval()
     tgt = tokens if model.cfg.arch == "encoder-decoder" else None
     print(trace(model, tokens, tgt, position=args.position, labels=labels, max_values=args.max_values))
     print("\n(random weights: the numbers show the arithmetic, not a trained model's behaviour)")
@@ -139,6 +138,73 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
+# TrainConfig fields settable from the command line; unset ones keep the preset's value.
+TRAIN_FLAGS: dict[str, dict] = {
+    "data": dict(help="a UTF-8 text file, 'tinyshakespeare', or a task: repeat, copy, reverse, sort"),
+    "tokenizer": dict(choices=("char", "bpe")),
+    "bpe_vocab_size": dict(type=int),
+    "task_vocab": dict(type=int),
+    "task_length": dict(type=int),
+    "batch_size": dict(type=int),
+    "grad_accum": dict(type=int),
+    "max_steps": dict(type=int),
+    "lr": dict(type=float),
+    "min_lr": dict(type=float),
+    "warmup_steps": dict(type=int),
+    "weight_decay": dict(type=float),
+    "grad_clip": dict(type=float),
+    "eval_interval": dict(type=int),
+    "eval_batches": dict(type=int),
+    "checkpoint_interval": dict(type=int),
+    "seed": dict(type=int),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from glassformer.train.data import SEQ2SEQ_TASKS, SyntheticData
+    from glassformer.train.presets import PRESETS
+    from glassformer.train.showcase import seq2seq_accuracy, show_text_run
+    from glassformer.train.trainer import TrainConfig, train
+
+    preset = dict(PRESETS[args.preset])
+    model_fields = {**preset.pop("model"), **config_fields(args)}
+    chosen = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    cfg = TrainConfig(
+        **{**preset, **chosen},
+        out_dir=args.out,
+        model=model_fields,
+        compile=args.compile,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = train(cfg)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    last = result.metrics[-1] if result.metrics else {}
+    state = "interrupted, saved" if result.interrupted else "done"
+    print(
+        f"{state} at step {result.step}: train loss {last.get('train_loss', float('nan')):.4f}, "
+        f"validation loss {last.get('val_loss', float('nan')):.4f} -> {args.out}"
+    )
+    if cfg.data in SEQ2SEQ_TASKS:
+        data = SyntheticData(cfg.data, cfg.task_vocab, cfg.task_length)
+        print(f"exact-match accuracy on 256 new sequences: {seq2seq_accuracy(result.model, data):.1%}")
+    elif cfg.data != "repeat":
+        text = show_text_run(result.model, load_tokenizer(args.out), Path(args.out), args.sample_tokens)
+        print(f"\n--- a sample from the KV-cache decoder ---\n{text}\n---")
+        print(
+            f"wrote {args.out}/: model (config.json, model.safetensors), tokenizer.json, metrics.jsonl, loss.png, "
+            "sample.txt, attention.png, trace.txt"
+        )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from glassformer.train.showcase import sample_text
+
+    model, tokenizer = Transformer.load(args.dir), load_tokenizer(args.dir)
+    print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,8 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Hello", help="text to run (UTF-8 bytes are the tokens)")
     p.add_argument("--position", type=int, default=-1, help="which token to trace (default: the last)")
     p.add_argument("--max-values", type=int, default=8, help="show vectors up to this size in full")
-    add_config_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add_config_flags(p, **TRACE_MODEL)
     p.set_defaults(run=cmd_trace)
+
+    p = sub.add_parser("train", help="train a model from scratch on text or a synthetic task")
+    p.add_argument("--preset", choices=("tiny", "demo", "small"), default="tiny")
+    p.add_argument("--out", default="runs/train", help="run directory: checkpoint, tokenizer, metrics, pictures")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sample-tokens", type=int, default=500, help="length of the sample printed at the end")
+    group = p.add_argument_group("training")
+    for name, options in TRAIN_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), default=None, **options)
+    add_config_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a trained run directory")
+    p.add_argument("dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("convert", help="convert a local Hugging Face checkpoint directory to glassformer's format")
     p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards)")

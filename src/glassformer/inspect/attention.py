@@ -1,0 +1,54 @@
+"""Attention pictures: every head's pattern as a heatmap, queries down, keys across."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from glassformer.checkpoints.files import atomic_write
+from glassformer.model import Transformer
+
+
+def patterns(model: Transformer, tokens: Tensor, stack: str = "") -> Tensor:
+    """(n_layers, n_heads, q_pos, k_pos) attention patterns of the first sequence of `tokens`."""
+
+    def names(name: str) -> bool:
+        return name.startswith(f"{stack}blocks.") and name.endswith(".attn.hook_pattern")
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+    return torch.stack([cache[name][0] for name in sorted(cache.keys(), key=lambda n: int(n.split(".")[-3]))])
+
+
+def plot_attention(model: Transformer, tokens: Tensor, labels: list[str] | None, path: str | Path) -> Path:
+    """A PNG grid, one heatmap per layer (rows) and head (columns), labelled with the tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = patterns(model, tokens).float()  # (n_layers, n_heads, q_pos, k_pos)
+    n_layers, n_heads, n_pos, _ = grid.shape
+    size = max(2.0, min(4.0, 0.12 * n_pos))
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False, dpi=90)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            ax.imshow(grid[layer, head].numpy(), cmap="Blues", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+            if labels is not None and n_pos <= 48:
+                ticks = range(n_pos)
+                ax.set_xticks(ticks, [repr(t)[1:-1] for t in labels], rotation=90, fontsize=5)
+                ax.set_yticks(ticks, [repr(t)[1:-1] for t in labels], fontsize=5)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    fig.supxlabel("key position (attended to)")
+    fig.supylabel("query position (attending)")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path

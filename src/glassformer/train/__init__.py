@@ -1,0 +1,1 @@
+"""Training: tokenizers, data, and a trainer that reads top to bottom."""
