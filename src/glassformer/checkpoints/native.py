@@ -27,7 +27,9 @@ def save(model: Transformer, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_dict()
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    metadata = {"format": "glassformer", "config": json.dumps(config, sort_keys=True)}
+    # One metadata key: safetensors writes several in hash order, which would make equal checkpoints
+    # differ in bytes from one process to the next.
+    metadata = {"glassformer": json.dumps({"format": 1, "config": config}, sort_keys=True)}
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_json(directory / "config.json", config)
     return directory
@@ -57,8 +59,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     weights = directory / "model.safetensors"
     state = read_weights(directory)
     with safe_open(weights, framework="pt") as f:
-        stored = (f.metadata() or {}).get("config")
-    if stored is not None and json.loads(stored) != cfg.to_dict():
+        stored = json.loads((f.metadata() or {}).get("glassformer", "{}")).get("config")
+    if stored is not None and stored != cfg.to_dict():
         raise CheckpointError(
             f"{directory / 'config.json'} differs from the config stored with the weights "
             "(an interrupted save?); re-save the model"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,7 +33,8 @@ def save_state(
     for index, moments in opt["state"].items():
         tensors |= {f"optim.{index}.{k}": torch.as_tensor(v).contiguous() for k, v in moments.items()}
     tensors |= {f"rng.{k}": v for k, v in rng.items()}
-    metadata = {"step": str(step), "param_groups": json.dumps(opt["param_groups"]), "meta": json.dumps(meta)}
+    info = {"step": step, "param_groups": opt["param_groups"], "meta": meta}
+    metadata = {"glassformer": json.dumps(info, sort_keys=True)}  # one key: stable bytes (see checkpoints/native.py)
     atomic_write(directory / STATE_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -41,15 +43,8 @@ def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     path = directory / STATE_FILE
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
-            raw = f.metadata()
-        return {
-            "step": int(raw["step"]),
-            "param_groups": json.loads(raw["param_groups"]),
-            "meta": json.loads(raw["meta"]),
-        }, tensors
+            return json.loads(f.metadata()["glassformer"]), tensors
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: nothing to resume in {directory}") from None
     except Exception as err:  # safetensors and json raise several types; all mean "unreadable"

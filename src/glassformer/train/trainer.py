@@ -149,7 +149,7 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, model_cfg: Config, 
     """A resume must continue the same run: same model, data and optimisation settings."""
     now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in cfg.RESUMABLE_CHANGES}
     before = {k: v for k, v in saved["train_config"].items() if k not in cfg.RESUMABLE_CHANGES}
-    changed = sorted(k for k in now if now.get(k) != before.get(k))
+    changed = sorted(k for k in now if k != "model" and now.get(k) != before.get(k))  # model: compared resolved
     if saved["model_config"] != model_cfg.to_dict():
         changed.append("model")
     if changed:
