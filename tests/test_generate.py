@@ -80,7 +80,7 @@ def test_cache_memory_is_exactly_two_layers_batch_len_kv_heads_d_head():
     from glassformer.kv_cache import KVCache
 
     cfg = make(**DECODERS["gqa-rotary-swiglu"]).cfg
-    cache = KVCache(cfg, batch=3, max_len=17, n_layers=cfg.n_layers)
+    cache = KVCache(cfg.n_layers, batch=3, n_kv_heads=cfg.n_kv_heads, max_len=17, d_head=cfg.d_head)
     assert cache.numel() == 2 * cfg.n_layers * 3 * 17 * cfg.n_kv_heads * cfg.d_head
     assert cache.k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, 17, cfg.d_head)  # grouped-query heads once
 

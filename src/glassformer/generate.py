@@ -91,10 +91,20 @@ def _start(
             f"exceeds the model's n_ctx={cfg.n_ctx}"
         )
     valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid
-    n_layers = cfg.n_decoder_layers if cfg.arch == "encoder-decoder" else cfg.n_layers
+    blocks = (model.decoder if cfg.arch == "encoder-decoder" else model).blocks
+    attn = blocks[0].attn  # its head count is local under tensor parallelism
     src_len = None if encoder_out is None else encoder_out.shape[1]
     weight = model.embed.W_E
-    cache = KVCache(cfg, prompt.shape[0], max_len, n_layers, src_len, dtype=weight.dtype, device=weight.device)
+    cache = KVCache(
+        len(blocks),
+        prompt.shape[0],
+        attn.n_kv_heads,
+        max_len,
+        attn.d_head,
+        src_len,
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     return prompt, valid, cache, encoder_out, encoder_mask
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from glassformer.config import Config
-
 
 class LayerKV:
     """One attention layer's slice of the cache."""
@@ -45,22 +43,24 @@ class KVCache:
 
     def __init__(
         self,
-        cfg: Config,
-        batch: int,
-        max_len: int,
         n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        d_head: int,
         src_len: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, batch, cfg.n_kv_heads, max_len, cfg.d_head)
+        """`n_kv_heads` is what this process holds: all of them, or its share under tensor parallelism."""
+        shape = (n_layers, batch, n_kv_heads, max_len, d_head)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, batch, n_kv_heads, max_len, d_head)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.layers = [LayerKV(self, self.k[i], self.v[i]) for i in range(n_layers)]
         self.cross: list[LayerKV | None] = [None] * n_layers
         if src_len is not None:
-            cross_shape = (n_layers, batch, cfg.n_kv_heads, src_len, cfg.d_head)
+            cross_shape = (n_layers, batch, n_kv_heads, src_len, d_head)
             self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
             self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
             self.cross = [LayerKV(self, self.cross_k[i], self.cross_v[i]) for i in range(n_layers)]
