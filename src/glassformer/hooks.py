@@ -240,9 +240,13 @@ class HookedRoot(nn.Module):
         return [hook.name for name in names_filter for hook in self._match(name)]
 
     def run_with_cache(
-        self, *args: Any, names_filter: NameFilter = None, detach: bool = True, **kwargs: Any
+        self, *args: Any, names_filter: NameFilter = None, detach: bool = True, gather: bool = False, **kwargs: Any
     ) -> tuple[Any, ActivationCache]:
-        """Run forward and keep the activations the filter selects: `(output, ActivationCache)`."""
+        """Run forward and keep the activations the filter selects: `(output, ActivationCache)`.
+
+        On a tensor-parallel model, hooks see this process's heads; `gather=True` returns the
+        full-head activations, as one process would have them.
+        """
         store: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
@@ -251,4 +255,9 @@ class HookedRoot(nn.Module):
         names = self.cache_names(names_filter)
         with self.hooks([(name, save) for name in names]):
             out = self(*args, **kwargs)
-        return out, ActivationCache(store)
+        cache = ActivationCache(store)
+        if gather:
+            from glassformer.parallel import gather_cache
+
+            cache = gather_cache(self, cache)
+        return out, cache

@@ -68,6 +68,7 @@ class Attention(nn.Module):
         self.o_weight = nn.Parameter(torch.empty(cfg.d_model, self.q_size))
         self.b_O = nn.Parameter(torch.empty(cfg.d_model)) if cfg.bias else None
         self.rotary = rotary  # shared by all layers; holds only non-persistent tables
+        self.tp = None  # set by glassformer.parallel.shard: this process's heads are a share of all
 
         self.hook_q = HookPoint()  # (batch, pos, n_heads, d_head)
         self.hook_k = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
@@ -173,6 +174,9 @@ class Attention(nn.Module):
         cache: LayerKV | None = None,
     ) -> Tensor:
         """x (batch, pos, d_model) -> attention output (batch, pos, d_model)."""
+        if self.tp is not None:  # tensor parallel: identity forward, all-reduce of the gradient backward
+            x = self.tp.enter(x)
+            kv_input = None if kv_input is None else self.tp.enter(kv_input)
         q, k, v = self.keys_values(x, positions, kv_input, cache)
         mask = mask or AttentionMask(None)
         if self.hook_attn_scores.active or self.hook_pattern.active:
@@ -183,8 +187,13 @@ class Attention(nn.Module):
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)
             out = result.sum(dim=2)
-            return out if self.b_O is None else out + self.b_O
-        return F.linear(z.flatten(2), self.o_weight, self.b_O)  # (batch, pos, d_model)
+        elif self.tp is None:
+            return F.linear(z.flatten(2), self.o_weight, self.b_O)  # (batch, pos, d_model)
+        else:
+            out = F.linear(z.flatten(2), self.o_weight)  # this process's heads only
+        if self.tp is not None:
+            out = self.tp.exit(out)  # sum over every process's heads
+        return out if self.b_O is None else out + self.b_O
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""

@@ -31,6 +31,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.act = ACTIVATIONS[cfg.act]
+        self.d_mlp = cfg.d_mlp  # this process's hidden units (a share under tensor parallelism)
+        self.tp = None  # set by glassformer.parallel.shard
         # Stored (out_features, in_features) for F.linear; W_in/W_gate/W_out are transposed views.
         self.in_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.gate_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model)) if cfg.gated else None
@@ -58,6 +60,8 @@ class MLP(nn.Module):
         return self.out_weight.T
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tp is not None:  # tensor parallel: identity forward, all-reduce of the gradient backward
+            x = self.tp.enter(x)
         if self.gate_weight is None:
             pre = self.hook_pre(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
             post = self.hook_post(self.act(pre))
@@ -65,4 +69,7 @@ class MLP(nn.Module):
             pre = self.hook_pre(F.linear(x, self.gate_weight))  # (batch, pos, d_mlp)
             linear = self.hook_pre_linear(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
             post = self.hook_post(self.act(pre) * linear)
-        return F.linear(post, self.out_weight, self.b_out)  # (batch, pos, d_model)
+        if self.tp is None:
+            return F.linear(post, self.out_weight, self.b_out)  # (batch, pos, d_model)
+        out = self.tp.exit(F.linear(post, self.out_weight))  # summed over every process's hidden units
+        return out if self.b_out is None else out + self.b_out

@@ -1,0 +1,230 @@
+"""Tensor parallelism (Megatron-style) as a transformation of an ordinary model.
+
+Each process keeps its share of the heads (W_Q, W_K, W_V split by head; grouped-query heads by
+key/value-head group) and of the MLP's hidden units (W_in and the SwiGLU gate by column); W_O and
+W_out are split by row and followed by one all-reduce each: two per block, one more per
+cross-attention. Embedding, norms and head are replicated. Local sizes are recorded on the sharded
+modules (`attn.n_heads`, `mlp.d_mlp`); the shared Config is never changed.
+
+Autograd runs through the collectives: entering a split section is the identity forward and an
+all-reduce backward (`f` in the Megatron paper); leaving it is an all-reduce forward and the
+identity backward (`g`). So a training step on N processes updates the weights as on one.
+
+    torchrun --nproc-per-node 2 my_script.py      # gloo on CPU, nccl on CUDA
+    gf.parallel.init()
+    model = gf.parallel.shard(gf.Transformer.load("ckpt"))     # or gf.parallel.load_sharded("ckpt")
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from glassformer.cells.attention import Attention
+from glassformer.cells.mlp import MLP
+from glassformer.checkpoints.files import read_json
+from glassformer.config import Config
+from glassformer.errors import GlassformerError
+from glassformer.hooks import ActivationCache
+from glassformer.model import Transformer
+
+Index = tuple[slice, ...]
+
+
+class PeerError(GlassformerError, RuntimeError):
+    """A process of the tensor-parallel group stopped or stopped answering."""
+
+
+def init(backend: str | None = None, timeout_s: float = 60.0) -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a peer that dies or
+    hangs makes the others fail with PeerError after at most `timeout_s` seconds."""
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    try:
+        dist.all_reduce(x, group=group)
+    except (RuntimeError, dist.DistBackendError) as err:
+        raise PeerError(f"a tensor-parallel peer stopped or timed out during an all-reduce: {err}") from None
+    return x
+
+
+class _Enter(torch.autograd.Function):
+    """Identity forward, all-reduce backward: the input of a column-split section."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # noqa: ANN001
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _Exit(torch.autograd.Function):
+    """All-reduce forward, identity backward: the output of a row-split section."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:  # noqa: ANN001
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
+class TensorParallel:
+    """Where a sharded cell sits in its group; `enter`/`exit` wrap its split section."""
+
+    def __init__(self, group: dist.ProcessGroup | None, rank: int, world: int) -> None:
+        self.group, self.rank, self.world = group, rank, world
+
+    def enter(self, x: Tensor) -> Tensor:
+        return _Enter.apply(x, self.group)
+
+    def exit(self, x: Tensor) -> Tensor:
+        return _Exit.apply(x, self.group)
+
+
+def check_divisible(cfg: Config, world: int) -> None:
+    """Heads, key/value heads and MLP width must split evenly: checked before any communication."""
+    sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads}
+    if not cfg.attn_only:
+        sizes["d_mlp"] = cfg.d_mlp
+    bad = [f"{name}={size}" for name, size in sizes.items() if size % world]
+    if bad:
+        raise ValueError(f"cannot split {', '.join(bad)} across a tensor-parallel group of {world} processes")
+
+
+def local_state(model: Transformer, read: Callable[[str, Index], Tensor], rank: int, world: int) -> dict[str, Tensor]:
+    """This process's tensors, read from the full ones by name and index (in memory or on disk)."""
+    cfg, everything = model.cfg, (slice(None),)
+    h, kv, dh = cfg.n_heads // world, cfg.n_kv_heads // world, cfg.d_head
+    q_rows = slice(rank * h * dh, (rank + 1) * h * dh)
+    kv_rows = [
+        slice(
+            cfg.n_heads * dh + rank * kv * dh + part * cfg.n_kv_heads * dh,
+            cfg.n_heads * dh + (rank + 1) * kv * dh + part * cfg.n_kv_heads * dh,
+        )
+        for part in (0, 1)
+    ]
+    m = cfg.d_mlp // world
+    mlp_rows = slice(rank * m, (rank + 1) * m)
+    out = {}
+    for name in model.state_dict():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("qkv_weight", "qkv_bias"):  # this process's query heads, then its K and V heads
+            out[name] = torch.cat([read(name, (q_rows,)), read(name, (kv_rows[0],)), read(name, (kv_rows[1],))])
+        elif leaf == "o_weight":
+            out[name] = read(name, (slice(None), q_rows))  # W_O rows = the columns of (d_model, heads·d_head)
+        elif leaf in ("in_weight", "gate_weight") or name.endswith("mlp.b_in"):
+            out[name] = read(name, (mlp_rows,))
+        elif name.endswith("mlp.out_weight"):
+            out[name] = read(name, (slice(None), mlp_rows))
+        else:
+            out[name] = read(name, everything)  # replicated
+    return out
+
+
+def _localize(model: Transformer, group: dist.ProcessGroup | None, rank: int, world: int) -> None:
+    """Record local sizes and the group on every split cell."""
+    tp = TensorParallel(group, rank, world)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.n_heads //= world
+            module.n_kv_heads //= world
+            module.q_size, module.kv_size = module.n_heads * module.d_head, module.n_kv_heads * module.d_head
+            module.tp = tp
+        elif isinstance(module, MLP):
+            module.d_mlp //= world
+            module.tp = tp
+    model.tp = tp
+
+
+def _assign(model: Transformer, state: dict[str, Tensor]) -> None:
+    """Put each local tensor in place as the module's parameter (shapes change, so no load_state_dict)."""
+    for name, tensor in state.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, leaf, nn.Parameter(tensor.contiguous(), requires_grad=getattr(module, leaf).requires_grad))
+
+
+def _group_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise PeerError("no process group: call glassformer.parallel.init() first (under torchrun)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard(model: Transformer, group: dist.ProcessGroup | None = None) -> Transformer:
+    """Split `model` across `group` (default: every process), in place; returns it."""
+    rank, world = _group_position(group)
+    check_divisible(model.cfg, world)
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    state = local_state(model, lambda name, index: full[name][index].clone(), rank, world)
+    _localize(model, group, rank, world)
+    _assign(model, state)
+    return model
+
+
+def load_sharded(directory: str | Path, group: dist.ProcessGroup | None = None) -> Transformer:
+    """Open a glassformer checkpoint already split: each process reads only its own slices."""
+    rank, world = _group_position(group)
+    directory = Path(directory)
+    cfg = Config.from_dict(read_json(directory / "config.json"))
+    check_divisible(cfg, world)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        state = local_state(model, lambda name, index: f.get_slice(name)[index], rank, world)
+    _localize(model, group, rank, world)
+    _assign(model, state)
+    return model.eval()
+
+
+# Hook names whose tensors are split, and the axis of the split.
+_SPLIT_AXES = {
+    "hook_q": 2,
+    "hook_k": 2,
+    "hook_v": 2,
+    "hook_rot_q": 2,
+    "hook_rot_k": 2,
+    "hook_z": 2,
+    "hook_result": 2,
+    "hook_attn_scores": 1,
+    "hook_pattern": 1,
+    "hook_pre": -1,
+    "hook_pre_linear": -1,
+    "hook_post": -1,
+}
+
+
+def gather_cache(model: Transformer, cache: ActivationCache) -> ActivationCache:
+    """Full-head (full-width) activations from every process's share, as one process would have."""
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        return cache
+    out = {}
+    for name, tensor in cache.items():
+        axis = _SPLIT_AXES.get(name.rsplit(".", 1)[-1])
+        if axis is None:
+            out[name] = tensor
+            continue
+        parts = [torch.empty_like(tensor) for _ in range(tp.world)]
+        try:
+            dist.all_gather(parts, tensor.contiguous(), group=tp.group)
+        except (RuntimeError, dist.DistBackendError) as err:
+            raise PeerError(f"a tensor-parallel peer stopped during a gather: {err}") from None
+        out[name] = torch.cat(parts, dim=axis)
+    return ActivationCache(out)

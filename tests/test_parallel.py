@@ -1,0 +1,163 @@
+"""Tensor parallelism on 2 and 4 CPU processes (gloo, loopback): the same numbers as one process."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import glassformer as gf
+from glassformer import parallel
+
+CONFIGS = {
+    "decoder-mha": dict(arch="decoder"),
+    "decoder-gqa-rotary-swiglu": dict(arch="decoder", n_kv_heads=4, positional="rotary", norm="rmsnorm", act="swiglu"),
+    "encoder-post-norm": dict(arch="encoder", norm_position="post"),
+    "encoder-decoder": dict(arch="encoder-decoder", positional="sinusoidal"),
+}
+
+
+def make(kw, seed=0):
+    cfg = gf.Config(**{**dict(n_layers=2, d_model=32, n_heads=8, d_mlp=64, d_vocab=40, n_ctx=24), **kw})
+    return gf.Transformer(cfg, seed=seed).eval()
+
+
+def inputs(arch):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (3, 9), generator=g)
+    mask = torch.ones_like(tokens)
+    if arch == "decoder":
+        mask[0, :3] = 0  # left padding
+    else:
+        mask[1, 6:] = 0
+    args = (tokens, torch.randint(0, 40, (3, 5), generator=g)) if arch == "encoder-decoder" else (tokens,)
+    return args, {"attention_mask": mask}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    parallel.init(timeout_s=30)
+
+
+def check_forward_cache_and_generation(rank, world, port, tmp):
+    join(rank, world, port)
+    try:
+        for name, kw in CONFIGS.items():
+            reference, sharded = make(kw), parallel.shard(make(kw))
+            args, kwargs = inputs(kw["arch"])
+            with torch.no_grad():
+                expected, full = reference.run_with_cache(*args, **kwargs)
+                logits, gathered = sharded.run_with_cache(*args, gather=True, **kwargs)
+                _, local = sharded.run_with_cache(*args, **kwargs)
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=name)
+            assert set(gathered.keys()) == set(full.keys())
+            for hook in full:
+                torch.testing.assert_close(gathered[hook], full[hook], atol=1e-5, rtol=1e-5, msg=f"{name} {hook}")
+            assert local["pattern", 0, "decoder" if kw["arch"] == "encoder-decoder" else None].shape[1] == 8 // world
+            if kw["arch"] == "decoder":  # each process caches only its key/value heads
+                prompt, mask = args[0], kwargs["attention_mask"]
+                assert torch.equal(
+                    sharded.generate(prompt, 8, attention_mask=mask), reference.generate(prompt, 8, attention_mask=mask)
+                )
+            if kw["arch"] == "encoder-decoder":
+                assert torch.equal(
+                    sharded.generate(args[0], 6, decoder_start_token_id=1),
+                    reference.generate(args[0], 6, decoder_start_token_id=1),
+                )
+        # Sharding straight from a checkpoint: each process reads only its slices.
+        model = make(CONFIGS["decoder-gqa-rotary-swiglu"])
+        if rank == 0:
+            model.save(tmp)
+        dist.barrier()
+        loaded, sharded = parallel.load_sharded(tmp), parallel.shard(make(CONFIGS["decoder-gqa-rotary-swiglu"]))
+        for (a_name, a), (b_name, b) in zip(loaded.named_parameters(), sharded.named_parameters(), strict=True):
+            assert a_name == b_name and torch.equal(a, b), a_name
+        assert loaded.blocks[0].attn.n_heads == 8 // world and loaded.blocks[0].mlp.d_mlp == 64 // world
+        assert loaded.cfg.n_heads == 8  # the shared config is not changed
+    finally:
+        dist.destroy_process_group()
+
+
+def check_training_step(rank, world, port):
+    """Gradients through the collectives equal the single-process gradients' slices, and so do the
+    weights after an optimizer step. (SGD: AdamW's first step is lr * sign(grad), which turns a
+    rounding-level difference in a near-zero gradient into a full step of difference.)"""
+    join(rank, world, port)
+    try:
+        kw = CONFIGS["decoder-gqa-rotary-swiglu"]
+        reference, sharded = make(kw).train(), parallel.shard(make(kw)).train()
+        tokens = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
+        for model in (reference, sharded):
+            logits = model(tokens[:, :-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads = {k: p.grad for k, p in reference.named_parameters()}
+        expected = parallel.local_state(reference, lambda name, index: grads[name][index], rank, world)
+        for name, param in sharded.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=f"grad {name}")
+        for model in (reference, sharded):
+            torch.optim.SGD(model.parameters(), lr=0.5).step()
+        full = {k: v.detach() for k, v in reference.state_dict().items()}
+        expected = parallel.local_state(reference, lambda name, index: full[name][index], rank, world)
+        for name, value in sharded.state_dict().items():
+            torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_model_equals_single_process(tmp_path, world):
+    mp.spawn(check_forward_cache_and_generation, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+
+
+def test_a_training_step_updates_weights_as_on_one_process():
+    mp.spawn(check_training_step, args=(2, free_port()), nprocs=2, join=True)
+
+
+def test_indivisible_sizes_fail_before_any_communication():
+    with pytest.raises(ValueError, match="cannot split n_heads=6, n_kv_heads=3 across a tensor-parallel group of 4"):
+        parallel.check_divisible(make(dict(n_heads=6, n_kv_heads=3, d_model=36)).cfg, 4)
+    with pytest.raises(ValueError, match="d_mlp=66"):
+        parallel.check_divisible(make(dict(d_mlp=66)).cfg, 4)
+    with pytest.raises(gf.GlassformerError, match="call glassformer.parallel.init"):
+        parallel.shard(make({}))
+
+
+def die_or_wait(rank, world, port, result_path):
+    join(rank, world, port)
+    model = parallel.shard(make({}))
+    tokens = torch.randint(0, 40, (1, 5))
+    with torch.no_grad():
+        model(tokens)
+        if rank == 1:
+            os._exit(1)  # a process that dies without a word
+        start = time.monotonic()
+        try:
+            model(tokens)
+        except gf.GlassformerError as err:
+            with open(result_path, "w") as f:
+                f.write(f"{type(err).__name__} after {time.monotonic() - start:.1f}s: {err}")
+            os._exit(0)
+        os._exit(3)
+
+
+def test_a_dead_peer_makes_the_others_fail_fast_with_a_clear_error(tmp_path):
+    result = tmp_path / "result.txt"
+    context = mp.spawn(die_or_wait, args=(2, free_port(), str(result)), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not result.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for process in context.processes:
+        process.join(timeout=10)
+    text = result.read_text()
+    assert text.startswith("PeerError") and "peer stopped" in text
+    assert float(text.split(" after ")[1].split("s:")[0]) < 45
