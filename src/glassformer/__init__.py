@@ -1,5 +1,6 @@
 """glassformer: a transformer you can see through, cell by cell, at full speed."""
 
+from glassformer import parallel  # gf.parallel.shard / load_sharded / init
 from glassformer.config import Config
 from glassformer.errors import CheckpointError, GlassformerError, HookError, InputError
 from glassformer.hooks import ActivationCache, HookPoint
@@ -14,6 +15,7 @@ __all__ = [
     "HookError",
     "HookPoint",
     "InputError",
+    "parallel",
     "Trace",
     "Transformer",
     "trace",

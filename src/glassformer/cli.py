@@ -110,10 +110,27 @@ def open_checkpoint(directory: str) -> Transformer:
     return Transformer.from_hf(directory) if "model_type" in config else Transformer.load(directory)
 
 
+def open_for_generation(directory: str, tp: int) -> Transformer:
+    """The checkpoint, split across the torchrun processes when `tp` > 1."""
+    if tp == 1:
+        return open_checkpoint(directory)
+    from glassformer import parallel
+
+    parallel.init()
+    if torch.distributed.get_world_size() != tp:
+        raise ValueError(f"--tp {tp} needs as many processes; torchrun started {torch.distributed.get_world_size()}")
+    if (Path(directory) / "train_state.safetensors").exists() or "model_type" not in json.loads(
+        (Path(directory) / "config.json").read_text()
+    ):
+        return parallel.load_sharded(directory)  # each process reads only its slices
+    return parallel.shard(open_checkpoint(directory))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = open_checkpoint(args.checkpoint), load_tokenizer(args.checkpoint)
+    model, tokenizer = open_for_generation(args.checkpoint, args.tp), load_tokenizer(args.checkpoint)
+    main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens; give some text")
@@ -125,17 +142,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         generator=torch.Generator().manual_seed(args.seed),
         compile=args.compile,
     )
-    print(args.prompt, end="", flush=True)
+    show = print if main_process else lambda *a, **k: None  # every process decodes; one prints
+    show(args.prompt, end="", flush=True)
     new: list[int] = []
     shown = ""
     start = time.perf_counter()
     for token in model.stream(torch.tensor([ids]), args.max_new_tokens, **options):
         new.append(int(token[0]))
         text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
-        print(text[len(shown) :], end="", flush=True)  # print what the new token adds to the text
+        show(text[len(shown) :], end="", flush=True)  # print what the new token adds to the text
         shown = text
     elapsed = time.perf_counter() - start
-    print(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
+    show(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
 # TrainConfig fields settable from the command line; unset ones keep the preset's value.
@@ -254,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (run under torchrun)")
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("info", help="describe a glassformer checkpoint: config, parameters, sizes")
