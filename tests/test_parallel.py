@@ -161,3 +161,29 @@ def test_a_dead_peer_makes_the_others_fail_fast_with_a_clear_error(tmp_path):
     text = result.read_text()
     assert text.startswith("PeerError") and "peer stopped" in text
     assert float(text.split(" after ")[1].split("s:")[0]) < 45
+
+
+def test_torchrun_generate_with_tp_prints_what_one_process_prints(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    make(dict(d_vocab=len(alphabet))).save(tmp_path)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    command = ["-m", "glassformer", "generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "8", "--greedy"]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    alone = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=True)
+    split = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), *command, "--tp", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=180,
+    )
+    assert split.stdout == alone.stdout and alone.stdout.startswith("hi")
