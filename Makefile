@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(VENV)/bin/glassformer train --preset demo --out runs/demo
 
-test: $(VENV)/.installed
+# Headless Chromium for the HTML view's browser tests (they skip, saying so, without it).
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "no chromium/chromedriver: the HTML browser tests will be skipped"; fi
+
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed chromium
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""`glassformer` command line: trace, train, sample, generate, convert, info."""
+"""`glassformer` command line: trace, train, sample, generate, convert, info, diagram, heads, html."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from glassformer.config import ACTS, ARCHS, NORM_POSITIONS, NORMS, POSITIONALS, Config
 from glassformer.errors import GlassformerError
+from glassformer.inspect.commands import add_commands
 from glassformer.inspect.examples import two_heads
 from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a glassformer checkpoint: config, parameters, sizes")
     p.add_argument("dir")
     p.set_defaults(run=cmd_info)
+
+    add_commands(sub)  # diagram, heads, html
     return parser
 
 

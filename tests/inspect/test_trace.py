@@ -41,6 +41,7 @@ def test_masked_keys_show_as_minus_infinity():
         dict(arch="decoder", positional="rotary", norm="rmsnorm", act="swiglu", n_kv_heads=1),
         dict(arch="encoder", norm_position="post", positional="sinusoidal"),
         dict(arch="encoder-decoder"),
+        dict(parallel_attn_mlp=True),
     ],
 )
 def test_every_cell_appears_in_order(kw):
@@ -59,4 +60,6 @@ def test_every_cell_appears_in_order(kw):
         assert "rotary (queries)" in cells
     if cfg.norm_position == "post":
         assert step(trace, "residual add").op == "resid_mid = norm(resid_pre + attn_out)"
+    if cfg.parallel_attn_mlp:  # one add for both cells, read from the block's output
+        assert step(trace, "residual add").hook == "blocks.0.hook_resid_post" and "MLP in" in cells
     assert all(s.values.numel() > 0 for s in trace.steps)

@@ -127,6 +127,9 @@ class _Walker:
 
     def block(self, prefix: str, causal: bool) -> None:
         self.add("residual stream in", "resid_pre", f"{prefix}.hook_resid_pre")
+        if not self.has(f"{prefix}.hook_resid_mid"):  # a parallel block: no stream between the cells
+            self.parallel(prefix, causal)
+            return
         self.sublayer(
             prefix,
             "ln1",
@@ -151,6 +154,16 @@ class _Walker:
             self.sublayer(prefix, "ln2", "MLP", "mlp_out", before, "resid_post", lambda: self.mlp(f"{prefix}.mlp"))
         else:
             self.add("block output", "resid_post = resid_mid (attention only)", f"{prefix}.hook_resid_post")
+
+    def parallel(self, prefix: str, causal: bool) -> None:
+        """Attention and MLP both read resid_pre (always pre-norm); one add takes both outputs."""
+        self.norm(f"{prefix}.ln1", "before attention")
+        self.attention(f"{prefix}.attn", causal)
+        self.add("attention output", "attn_out = Σ_h result_h + b_O", f"{prefix}.hook_attn_out")
+        self.norm(f"{prefix}.ln2", "before MLP")
+        self.mlp(f"{prefix}.mlp")
+        self.add("MLP output", "mlp_out = post @ W_out + b_out", f"{prefix}.hook_mlp_out")
+        self.add("residual add", "resid_post = resid_pre + attn_out + mlp_out", f"{prefix}.hook_resid_post")
 
     def sublayer(self, prefix: str, ln: str, what: str, out: str, before: str, after: str, cell: Callable) -> None:
         """Pre-norm: norm, cell, residual add. Post-norm: cell, then residual add and norm together."""

@@ -1,0 +1,148 @@
+"""Direct logit attribution: how much each component writes, directly, into one logit.
+
+In a pre-norm model the final residual stream is a sum: the embeddings, each head's `result`, each
+attention bias `b_O`, each MLP's output. The final norm is linear once its scale is fixed, so with
+the scale the run actually used (`ln_final.hook_scale`, from the cache) every component maps to a
+share of the logit:
+
+    logit[t] = Σ_c  (c - mean(c)) / scale · w_ln · W_U[:, t]   +   (b_ln · W_U[:, t] + b_U[t])
+
+(no `- mean(c)` under RMSNorm, no scale without a final norm). The shares plus the bias term add up
+to the logit exactly, up to float rounding. Post-norm models (a norm after every residual add) and
+BERT's head transform are not sums of components, and are refused.
+
+Legend: batch, pos, n_heads, d_model, d_vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from glassformer.cells.norm import Norm
+from glassformer.model import Transformer
+
+
+@dataclass
+class Attribution:
+    """Each component's direct contribution to one logit (or a difference of two) per sequence."""
+
+    labels: list[str]  # "embed", "pos_embed", "L0H1" (layer 0 head 1), "L0 b_O", "L1 mlp", "bias", …
+    values: Tensor  # (n_components, batch)
+    logit: Tensor  # (batch,) what the model computed: the sum of `values`, up to rounding
+
+    def heads(self, n_layers: int, n_heads: int, kind: str = "H") -> Tensor:
+        """(n_layers, n_heads) mean contributions of the heads (`kind="X"`: the cross-attention heads)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        return torch.stack(
+            [
+                torch.stack([self.values[index[f"L{layer}{kind}{h}"]].mean() for h in range(n_heads)])
+                for layer in range(n_layers)
+            ]
+        )
+
+    def __str__(self) -> str:
+        mean = self.values.mean(dim=1)  # (n_components,)
+        order = mean.abs().argsort(descending=True).tolist()
+        lines = [f"logit {self.logit.mean().item():+.4f} = sum of (mean over the batch, largest first):"]
+        lines += [f"  {self.labels[i]:<12} {mean[i].item():+.4f}" for i in order]
+        return "\n".join(lines)
+
+
+def _check_decomposable(model: Transformer) -> None:
+    cfg = model.cfg
+    if cfg.norm_position != "pre" and cfg.norm != "none":
+        raise ValueError(
+            "direct logit attribution needs a pre-norm model (norm_position='pre'): after a post-norm block "
+            "the residual stream is no longer a sum of the components"
+        )
+    if cfg.head_transform:
+        raise ValueError("direct logit attribution cannot go through head_transform (a non-linear head)")
+
+
+def _components(model: Transformer, cache: dict, stack: str, position: int) -> tuple[list[str], list[Tensor]]:
+    """The pieces of the final residual stream at `position`, each (batch, d_model)."""
+    s = model.decoder if model.cfg.arch == "encoder-decoder" else model
+    labels, parts = [], []
+    if model.cfg.embed_norm:  # the embedding norm mixes the embeddings: block 0 reads one vector
+        labels.append("embeddings")
+        parts.append(cache[f"{stack}blocks.0.hook_resid_pre"][:, position])
+    else:
+        for hook in ("hook_embed", "hook_pos_embed", "hook_token_type_embed"):
+            if f"{stack}{hook}" in cache:
+                labels.append(hook.removeprefix("hook_"))
+                parts.append(cache[f"{stack}{hook}"][:, position])
+    for layer, block in enumerate(s.blocks):
+        for attn, tag in (("attn", "H"), ("cross_attn", "X")):
+            if getattr(block, attn) is None:
+                continue
+            result = cache[f"{stack}blocks.{layer}.{attn}.hook_result"][:, position]  # (batch, n_heads, d_model)
+            for head in range(result.shape[1]):
+                labels.append(f"L{layer}{tag}{head}")
+                parts.append(result[:, head])
+            if getattr(block, attn).b_O is not None:
+                labels.append(f"L{layer} {'b_O' if tag == 'H' else 'cross b_O'}")
+                parts.append(getattr(block, attn).b_O.expand_as(result[:, 0]))
+        if block.mlp is not None:
+            labels.append(f"L{layer} mlp")
+            parts.append(cache[f"{stack}blocks.{layer}.hook_mlp_out"][:, position])
+    return labels, parts
+
+
+def direct_logit_attribution(
+    model: Transformer,
+    tokens: Tensor,
+    target: int,
+    wrong: int | None = None,
+    position: int = -1,
+    tgt: Tensor | None = None,
+) -> Attribution:
+    """Each component's direct share of `logits[:, position, target]` (minus `wrong`'s, if given).
+
+    For an encoder-decoder model pass the decoder tokens as `tgt`; the decoder's stream is decomposed
+    (the encoder reaches it only through cross-attention, whose heads are components `L{i}X{h}`).
+    """
+    _check_decomposable(model)
+    stack = "decoder." if model.cfg.arch == "encoder-decoder" else ""
+    inputs = (tokens,) if tgt is None else (tokens, tgt)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(*inputs, names_filter=_needed)
+        labels, parts = _components(model, cache, stack, position)
+        stream = torch.stack(parts)  # (n_components, batch, d_model)
+        norm = model.decoder.ln_final if stack else model.ln_final
+        w_u = model.unembed.W_U  # (d_model, d_vocab)
+        direction = w_u[:, target] - (w_u[:, wrong] if wrong is not None else 0)  # (d_model,)
+        bias = _bias(model, target, wrong)
+        if isinstance(norm, Norm):
+            if norm.centre:
+                stream = stream - stream.mean(-1, keepdim=True)  # each component centred on its own
+            scale = cache[f"{stack}ln_final.hook_scale"][:, position]  # (batch, 1)
+            stream = stream / scale * norm.w  # (n_components, batch, d_model)
+            if norm.b is not None:
+                bias = bias + norm.b @ direction
+        values = torch.cat([stream @ direction, bias.expand(1, stream.shape[1])])  # (n_components + 1, batch)
+        logit = logits[:, position, target] - (logits[:, position, wrong] if wrong is not None else 0)  # (batch,)
+    return Attribution([*labels, "bias"], values, logit)
+
+
+def _needed(name: str) -> bool:
+    """The hooks the decomposition reads (caching only these keeps the rest on the fast path)."""
+    ends = (
+        "hook_result",
+        "hook_mlp_out",
+        "hook_embed",
+        "hook_pos_embed",
+        "hook_token_type_embed",
+        "ln_final.hook_scale",
+    )
+    return name.endswith(ends) or name.endswith("blocks.0.hook_resid_pre")
+
+
+def _bias(model: Transformer, target: int, wrong: int | None) -> Tensor:
+    """b_U[target] (- b_U[wrong]); zero without an unembedding bias."""
+    b_u = model.unembed.b_U
+    if b_u is None:
+        return torch.zeros((), device=model.unembed.W_U.device)
+    return b_u[target] - (b_u[wrong] if wrong is not None else 0)
