@@ -1,7 +1,6 @@
 """Head detectors: exact scores on patterns we set, and real induction heads in a trained model."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 
 import glassformer as gf
 from glassformer.inspect.heads import DETECTORS, detect_heads, repeated_tokens, target_masks
-from glassformer.train import trainer
 from glassformer.train.trainer import TrainConfig, train
 
 
@@ -78,29 +76,9 @@ def test_encoder_decoder_scores_both_stacks():
     assert scores.layers == ["encoder.0", "decoder.0"] and scores["induction"].shape == (2, 2)
 
 
-@dataclass
-class VaryingRepeats:
-    """Random tokens whose last 2·period tokens are a period repeated twice, with the period drawn per
-    sequence. A fixed period (data="repeat") lets one head solve the task by position alone (attend
-    to q - L + 1); a varying one leaves only the induction circuit."""
-
-    d_vocab: int
-    length: int  # longest period; sequences have 2·length tokens
-
-    def batch(self, split, batch_size, generator):
-        n = 2 * self.length
-        symbols = torch.randint(1, self.d_vocab, (batch_size, n), generator=generator)
-        period = torch.randint(self.length // 2, self.length + 1, (batch_size, 1), generator=generator)
-        pos = torch.arange(n)[None]  # (1, n)
-        source = torch.where(pos >= n - period, pos - period, pos)  # the second copy reads the first
-        seq = symbols.gather(1, source)  # (batch, n)
-        return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
-
-
 @pytest.mark.slow
-def test_a_trained_attention_only_model_grows_induction_heads(tmp_path, monkeypatch):
+def test_a_trained_attention_only_model_grows_induction_heads(tmp_path):
     vocab, length = 64, 16
-    monkeypatch.setattr(trainer, "prepare_data", lambda cfg, *a: (VaryingRepeats(vocab, length), vocab, None))
     result = train(
         TrainConfig(
             out_dir=str(tmp_path),

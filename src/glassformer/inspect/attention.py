@@ -11,25 +11,31 @@ from glassformer.checkpoints.files import atomic_write
 from glassformer.model import Transformer
 
 
-def patterns(model: Transformer, tokens: Tensor, stack: str = "") -> Tensor:
-    """(n_layers, n_heads, q_pos, k_pos) attention patterns of the first sequence of `tokens`."""
+def patterns(model: Transformer, tokens: Tensor, tgt: Tensor | None = None) -> Tensor:
+    """(n_layers, n_heads, q_pos, k_pos) self-attention patterns of the first sequence of `tokens`
+    (for an encoder-decoder model, of the decoder reading `tgt`)."""
+    stack = "decoder." if model.cfg.arch == "encoder-decoder" else ""
 
     def names(name: str) -> bool:
         return name.startswith(f"{stack}blocks.") and name.endswith(".attn.hook_pattern")
 
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        args = (tokens,) if tgt is None else (tokens, tgt)
+        _, cache = model.run_with_cache(*args, names_filter=names)
     return torch.stack([cache[name][0] for name in sorted(cache.keys(), key=lambda n: int(n.split(".")[-3]))])
 
 
-def plot_attention(model: Transformer, tokens: Tensor, labels: list[str] | None, path: str | Path) -> Path:
-    """A PNG grid, one heatmap per layer (rows) and head (columns), labelled with the tokens."""
+def plot_attention(
+    model: Transformer, tokens: Tensor, labels: list[str] | None, path: str | Path, tgt: Tensor | None = None
+) -> Path:
+    """A PNG grid, one heatmap per layer (rows) and head (columns), labelled with the tokens (the
+    target's, for an encoder-decoder model's decoder)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = patterns(model, tokens).float()  # (n_layers, n_heads, q_pos, k_pos)
+    grid = patterns(model, tokens, tgt).float()  # (n_layers, n_heads, q_pos, k_pos)
     n_layers, n_heads, n_pos, _ = grid.shape
     size = max(2.0, min(4.0, 0.12 * n_pos))
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False, dpi=90)

@@ -2,9 +2,9 @@
 task generated on the fly. Every batch comes from a seeded `torch.Generator`, so a run is
 reproducible and its data position is just that generator's state.
 
-Tasks: `text` (next-token prediction over a corpus), `repeat` (random tokens, then the same tokens
-again: the setting where induction heads form), and the encoder-decoder tasks `copy`, `reverse`
-and `sort` (target = the source, reversed, or sorted).
+Tasks: `text` (next-token prediction over a corpus), `repeat` (random tokens, then the last ones
+again, with a period that varies per sequence: the setting where induction heads form), and the
+encoder-decoder tasks `copy`, `reverse` and `sort` (target = the source, reversed, or sorted).
 """
 
 from __future__ import annotations
@@ -90,10 +90,21 @@ class SyntheticData:
     length: int  # symbols per sequence (the repeated half, for `repeat`)
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
-        symbols = torch.randint(1, self.d_vocab, (batch_size, self.length), generator=generator)
         if self.task == "repeat":
-            seq = torch.cat([symbols, symbols], dim=1)  # (batch, 2 length): the second half repeats the first
-            return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
+            return self._repeats(batch_size, generator)
+        symbols = torch.randint(1, self.d_vocab, (batch_size, self.length), generator=generator)
         target = {"copy": symbols, "reverse": symbols.flip(1), "sort": symbols.sort(dim=1).values}[self.task]
         start = torch.zeros(batch_size, 1, dtype=torch.long)
         return {"src": symbols, "tgt": torch.cat([start, target[:, :-1]], dim=1), "targets": target}
+
+    def _repeats(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """2·length random tokens whose last 2·period are a period repeated twice, the period drawn per
+        sequence from [length/2, length]: with a fixed period a head could solve the task by position
+        alone (look back `length` tokens); a varying one leaves only induction (find the previous
+        occurrence of this token, predict what followed it)."""
+        n = 2 * self.length
+        symbols = torch.randint(1, self.d_vocab, (batch_size, n), generator=generator)  # (batch, 2 length)
+        period = torch.randint(self.length // 2, self.length + 1, (batch_size, 1), generator=generator)
+        pos = torch.arange(n)[None]  # (1, 2 length)
+        seq = symbols.gather(1, torch.where(pos >= n - period, pos - period, pos))  # the second copy reads the first
+        return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}

@@ -161,9 +161,17 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, model_cfg: Config, 
 
 def train(cfg: TrainConfig) -> RunResult:
     """Train (or resume) a model as `cfg` says; returns the model, the last step and the metrics."""
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+    try:
+        return _train(cfg)
+    finally:  # the process's setting is the caller's again
+        torch.use_deterministic_algorithms(deterministic_before, warn_only=True)
+
+
+def _train(cfg: TrainConfig) -> RunResult:
     rank, world, device = setup_distributed()
     is_main = rank == 0
-    torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     run_dir = Path(cfg.out_dir)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
