@@ -17,17 +17,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Runs in a child process: import, note the baseline, load, note time and peak RSS, then run one
-# forward (which pages in every weight of a memory-mapped load) and note the peak again.
+# Runs in a child process: import, reset the peak RSS and note the baseline, load, note time and
+# peak, then run one forward (which pages in every weight of a memory-mapped load) and note the
+# peak again. Peaks are VmHWM above the pre-load RSS (page-cache pages mapped in count, as they should).
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(2)
 import transformers, glassformer as gf
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
 kind, path = sys.argv[1], sys.argv[2]
-base = peak_mib()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = rss_mib("VmRSS:")
 start = time.perf_counter()
 if kind == "glassformer":
     model = gf.Transformer.load(path)
@@ -36,12 +40,12 @@ elif kind == "glassformer-from-hf":
 else:
     model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
 loaded = time.perf_counter() - start
-load_peak = peak_mib() - base
+load_peak = rss_mib("VmHWM:") - base
 with torch.no_grad():
     out = model(torch.zeros(1, 8, dtype=torch.long))
 first_forward = time.perf_counter() - start
 print(json.dumps({"load_s": loaded, "load_plus_forward_s": first_forward, "load_peak_mib": load_peak,
-                  "peak_after_forward_mib": peak_mib() - base}))
+                  "peak_after_forward_mib": rss_mib("VmHWM:") - base}))
 """
 
 
