@@ -216,9 +216,11 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, k_pos, d_head)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        scores = torch.einsum("bqhd,bhkd->bhqk", q, k) * self.scale  # (batch, n_heads, pos, k_pos)
+        # Scaling q (small) rather than the scores and masking in place keeps this to one
+        # (batch, n_heads, pos, k_pos) tensor before the softmax: it matters when everything is cached.
+        scores = torch.einsum("bqhd,bhkd->bhqk", q * self.scale, k)  # (batch, n_heads, pos, k_pos)
         if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            scores.masked_fill_(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, n_heads, pos, k_pos)
         if self.training and self.dropout:
