@@ -8,7 +8,16 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, stacked, zeros_like_bias
+from glassformer.checkpoints.hf import (
+    Family,
+    HFState,
+    activation,
+    map_rows,
+    same,
+    stacked,
+    standard_sizes,
+    zeros_like_bias,
+)
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -52,12 +61,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
         raise CheckpointError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported")
     return Config(
         arch="encoder",
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        d_mlp=hf["intermediate_size"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=hf["max_position_embeddings"],
+        **standard_sizes(hf),
         positional="learned",
         norm="layernorm",
         norm_position="post",

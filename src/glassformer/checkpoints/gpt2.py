@@ -115,9 +115,6 @@ def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
     out = unmap_rows(state, TOP, cfg)
     for i in range(cfg.n_layers):
         out |= unmap_rows(state, LAYER, cfg, ours=f"blocks.{i}.", theirs=f"h.{i}.")
-    out = {f"transformer.{k}": v for k, v in out.items()}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["unembed.weight"]
     return out
 
 

@@ -90,7 +90,7 @@ class Family:
     config: Callable[[dict[str, Any], HFState], Config]  # the tensors tell which optional heads exist
     weights: Callable[[HFState, Config], dict[str, Tensor]]
     prefixes: tuple[str, ...]
-    export: Callable[[dict[str, Tensor], Config], dict[str, Tensor]] | None = None
+    export: Callable[[dict[str, Tensor], Config], dict[str, Tensor]] | None = None  # the body, unprefixed
     hf_config: Callable[[Config, dict[str, Tensor]], dict[str, Any]] | None = None  # raises if it does not fit
 
 
@@ -126,6 +126,9 @@ def to_hf(model: Transformer, directory: str | Path) -> Path:
         raise CheckpointError("no Hugging Face decoder family fits this model:\n  " + "\n  ".join(problems))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tensors = {family.prefixes[0] + k: v for k, v in tensors.items()}  # e.g. "model.layers.0…"
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = state["unembed.weight"]
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}  # no shared or strided storage
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     write_json(directory / "config.json", {**hf_config, "dtype": str(model.embed.W_E.dtype).removeprefix("torch.")})
@@ -226,6 +229,18 @@ def require_zero(state: dict[str, Tensor], names: Sequence[str], family: str) ->
     nonzero = [n for n in names if n in state and bool(state[n].any())]
     if nonzero:
         raise CheckpointError(f"{family} has no place for the non-zero biases {nonzero}")
+
+
+def standard_sizes(hf: dict[str, Any]) -> dict[str, int]:
+    """Config sizes from the field names most transformers configs share (BERT, Llama, NeoX)."""
+    return dict(
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+    )
 
 
 ACTS = {

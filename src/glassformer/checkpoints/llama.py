@@ -17,6 +17,7 @@ from glassformer.checkpoints.hf import (
     require_zero,
     same,
     stacked,
+    standard_sizes,
     unmap_rows,
     zeros_like_bias,
 )
@@ -52,21 +53,15 @@ def rope_theta(hf: dict[str, Any]) -> float:
 def config(hf: dict[str, Any], get: HFState) -> Config:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"Llama-family hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
-    n_ctx = hf["max_position_embeddings"]
+    sizes = standard_sizes(hf)
     window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
     if window:  # attention within the window is full attention: cap the context there, never be silently wrong
-        n_ctx = min(n_ctx, window)
-    d_head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        sizes["n_ctx"] = min(sizes["n_ctx"], window)
     return Config(
         arch="decoder",
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
+        **sizes,
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        d_head=d_head,
-        d_mlp=hf["intermediate_size"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=n_ctx,
+        d_head=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         positional="rotary",
         rotary_base=rope_theta(hf),
         norm="rmsnorm",
@@ -151,9 +146,6 @@ def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
     out = {"embed_tokens.weight": state["embed.W_E"], "norm.weight": state["ln_final.w"]}
     for i in range(cfg.n_layers):
         out |= unmap_rows(state, LAYER + biases, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
-    out = {f"model.{k}": v for k, v in out.items()}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["unembed.weight"]
     return out
 
 

@@ -19,6 +19,7 @@ from glassformer.checkpoints.hf import (
     map_rows,
     require_zero,
     same,
+    standard_sizes,
     unmap_rows,
     zeros_like_bias,
 )
@@ -66,12 +67,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
     parallel = hf.get("use_parallel_residual", True)
     return Config(
         arch="decoder",
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        d_mlp=hf["intermediate_size"],
-        d_vocab=hf["vocab_size"],
-        n_ctx=hf["max_position_embeddings"],
+        **standard_sizes(hf),
         positional="rotary",
         rotary_dim=int(d_head * fraction),
         rotary_base=base,
@@ -145,9 +141,6 @@ def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
     }
     for i in range(cfg.n_layers):
         out |= unmap_rows(state, LAYER + ATTN_BIASES, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
-    out = {f"gpt_neox.{k}": v for k, v in out.items()}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["unembed.weight"]
     return out
 
 
