@@ -183,7 +183,7 @@ def test_torchrun_generate_with_tp_prints_what_one_process_prints(tmp_path):
         [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), *command, "--tp", "2"],
         capture_output=True,
         text=True,
-        check=True,
         timeout=180,
     )
+    assert split.returncode == 0, split.stderr[-4000:]
     assert split.stdout == alone.stdout and alone.stdout.startswith("hi")

@@ -291,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GlassformerError, ValueError, TypeError) as err:
         print(f"glassformer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a gloo group left to interpreter exit can abort it
     return 0
 
 
