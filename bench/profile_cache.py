@@ -68,46 +68,37 @@ def explicit_lean(attn: Attention, q: Tensor, k: Tensor, v: Tensor, blocked: Ten
 
 
 def layer_rows(model: gf.Transformer, batch: int, pos: int, repeats: int) -> list[tuple[str, float]]:
-    """(what, ms) for one layer's attention paths."""
+    """(what, ms) for one layer's attention paths, and each step of the explicit one."""
     attn = model.blocks[0].attn
     x = torch.randn(batch, pos, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     q, k, v = attn.keys_values(x, None, None, None)  # q (b, pos, h, d); k, v (b, h, k_pos, d)
     mask = AttentionMask(None)
     allowed = mask.allowed(True, pos, pos, x.device)
     blocked = ~allowed
+    scores = torch.einsum("bqhd,bhkd->bhqk", q * attn.scale, k).masked_fill_(blocked, float("-inf"))
+    pattern = scores.softmax(dim=-1)
     z = attn._fused(q, k, v, mask)
     w_o = attn.W_O
-    return [
-        ("fused attention (SDPA), as in a plain forward", median_ms(lambda: attn._fused(q, k, v, mask), repeats)),
-        (
-            "explicit attention, as in run_with_cache (attention.py `_explicit`)",
-            median_ms(lambda: attn._explicit(q, k, v, allowed), repeats),
+    warm = torch.empty_like(scores)
+    steps = {
+        "fused attention (SDPA), as in a plain forward": lambda: attn._fused(q, k, v, mask),
+        "explicit attention, as in run_with_cache (attention.py `_explicit`)": lambda: attn._explicit(q, k, v, allowed),
+        "  scores: einsum(q * scale, k)": lambda: torch.einsum("bqhd,bhkd->bhqk", q * attn.scale, k),
+        "  ~allowed + masked_fill_ (in place)": lambda: scores.masked_fill_(~allowed, float("-inf")),
+        "  softmax (a new score-sized tensor)": lambda: scores.softmax(dim=-1),
+        "  einsum(pattern, v)": lambda: torch.einsum("bhqk,bhkd->bqhd", pattern, v),
+        "  variant of the whole: matmul in (batch, heads, ...) layout": lambda: explicit_lean(attn, q, k, v, blocked),
+        "writing a fresh score-sized tensor (empty_like + fill_)": lambda: torch.empty_like(scores).fill_(0.0),
+        "writing a warm score-sized tensor (fill_)": lambda: warm.fill_(0.0),
+        "W_O merge, as in a plain forward: F.linear(z.flatten(2), ...)": lambda: F.linear(
+            z.flatten(2), attn.o_weight, attn.b_O
         ),
-        (
-            "  its first einsum + `* self.scale` (scores)",
-            median_ms(lambda: torch.einsum("bqhd,bhkd->bhqk", q, k) * attn.scale, repeats),
+        "per-head result + sum, as with hook_result (einsum, .sum(2), + b_O)": lambda: (
+            torch.einsum("bphd,hdm->bphm", z, w_o).sum(dim=2) + attn.b_O
         ),
-        (
-            "  explicit variant: q pre-scaled, matmul, masked_fill_ in place",
-            median_ms(lambda: explicit_lean(attn, q, k, v, blocked), repeats),
-        ),
-        (
-            "W_O merge, as in a plain forward: F.linear(z.flatten(2), ...)",
-            median_ms(lambda: F.linear(z.flatten(2), attn.o_weight, attn.b_O), repeats),
-        ),
-        (
-            "per-head result + sum, as with hook_result (einsum, .sum(2), + b_O)",
-            median_ms(lambda: torch.einsum("bphd,hdm->bphm", z, w_o).sum(dim=2) + attn.b_O, repeats),
-        ),
-        ("  the einsum alone", median_ms(lambda: torch.einsum("bphd,hdm->bphm", z, w_o), repeats)),
-        (
-            "  variant: einsum for the cache, output by F.linear (no .sum)",
-            median_ms(
-                lambda: (torch.einsum("bphd,hdm->bphm", z, w_o), F.linear(z.flatten(2), attn.o_weight, attn.b_O)),
-                repeats,
-            ),
-        ),
-    ]
+        "  the einsum alone": lambda: torch.einsum("bphd,hdm->bphm", z, w_o),
+    }
+    return [(what, median_ms(fn, repeats)) for what, fn in steps.items()]
 
 
 def touch(n_bytes: int, chunk: int) -> list[Tensor]:
