@@ -84,6 +84,12 @@ def check_forward_cache_and_generation(rank, world, port, tmp):
             assert a_name == b_name and torch.equal(a, b), a_name
         assert loaded.blocks[0].attn.n_heads == 8 // world and loaded.blocks[0].mlp.d_mlp == 64 // world
         assert loaded.cfg.n_heads == 8  # the shared config is not changed
+        # ... and back: saving a split model gathers it whole.
+        loaded.save(f"{tmp}/again")
+        dist.barrier()
+        again = gf.Transformer.load(f"{tmp}/again")
+        for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
     finally:
         dist.destroy_process_group()
 
@@ -101,13 +107,13 @@ def check_training_step(rank, world, port):
             logits = model(tokens[:, :-1])
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         grads = {k: p.grad for k, p in reference.named_parameters()}
-        expected = parallel.local_state(reference, lambda name, index: grads[name][index], rank, world)
+        expected = parallel.local_state(reference.cfg, grads, lambda name, index: grads[name][index], rank, world)
         for name, param in sharded.named_parameters():
             torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5, msg=f"grad {name}")
         for model in (reference, sharded):
             torch.optim.SGD(model.parameters(), lr=0.5).step()
         full = {k: v.detach() for k, v in reference.state_dict().items()}
-        expected = parallel.local_state(reference, lambda name, index: full[name][index], rank, world)
+        expected = parallel.local_state(reference.cfg, full, lambda name, index: full[name][index], rank, world)
         for name, value in sharded.state_dict().items():
             torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-5, msg=name)
     finally:
@@ -187,3 +193,34 @@ def test_torchrun_generate_with_tp_prints_what_one_process_prints(tmp_path):
     )
     assert split.returncode == 0, split.stderr[-4000:]
     assert split.stdout == alone.stdout and alone.stdout.startswith("hi")
+
+
+def test_torchrun_train_with_tp_saves_a_whole_model_that_generates(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    train = ["-m", "glassformer", "train", "--data", "repeat", "--max-steps", "4", "--eval-interval", "4"]
+    train += ["--n-layers", "1", "--n-heads", "4", "--d-model", "32", "--out", str(tmp_path), "--no-progress"]
+    split = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), *train, "--tp", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert split.returncode == 0, split.stderr[-4000:]
+    assert split.stdout.count("done at step 4") == 1  # one process reports
+    model = gf.Transformer.load(tmp_path)
+    assert model.blocks[0].attn.W_Q.shape == (4, 32, 8)  # every head, not one process's share
+
+
+def test_each_process_draws_its_own_dropout_inside_a_split_section_and_the_same_outside():
+    draws = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        with parallel.TensorParallel(None, rank, 2).own_random_stream(torch.device("cpu")):
+            inside = torch.rand(4)
+        draws.append((inside, torch.rand(4)))
+    assert not torch.equal(draws[0][0], draws[1][0])  # per-head dropout masks differ between processes
+    assert torch.equal(draws[0][1], draws[1][1])  # the replicated residual's masks stay equal

@@ -176,6 +176,7 @@ TRAIN_FLAGS: dict[str, dict] = {
     "eval_batches": dict(type=int),
     "checkpoint_interval": dict(type=int),
     "seed": dict(type=int),
+    "tp": dict(type=int, help="processes that split each model (tensor parallel; run under torchrun)"),
 }
 
 
@@ -199,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train(cfg)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
+    model = Transformer.load(args.out) if cfg.tp > 1 else result.model  # a split model runs only in its group
     last = result.metrics[-1] if result.metrics else {}
     state = "interrupted, saved" if result.interrupted else "done"
     print(
@@ -207,9 +209,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     if cfg.data in SEQ2SEQ_TASKS:
         data = SyntheticData(cfg.data, cfg.task_vocab, cfg.task_length)
-        print(f"exact-match accuracy on 256 new sequences: {seq2seq_accuracy(result.model, data):.1%}")
+        print(f"exact-match accuracy on 256 new sequences: {seq2seq_accuracy(model, data):.1%}")
     elif cfg.data != "repeat":
-        text = show_text_run(result.model, load_tokenizer(args.out), Path(args.out), args.sample_tokens)
+        text = show_text_run(model, load_tokenizer(args.out), Path(args.out), args.sample_tokens)
         print(f"\n--- a sample from the KV-cache decoder ---\n{text}\n---")
         print(
             f"wrote {args.out}/: model (config.json, model.safetensors), tokenizer.json, metrics.jsonl, loss.png, "

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +61,15 @@ def _all_reduce(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return x
 
 
+def _all_gather(x: Tensor, group: dist.ProcessGroup | None, world: int) -> list[Tensor]:
+    parts = [torch.empty_like(x) for _ in range(world)]
+    try:
+        dist.all_gather(parts, x, group=group)
+    except (RuntimeError, dist.DistBackendError) as err:
+        raise PeerError(f"a tensor-parallel peer stopped or timed out during a gather: {err}") from None
+    return parts
+
+
 class _Enter(torch.autograd.Function):
     """Identity forward, all-reduce backward: the input of a column-split section."""
 
@@ -97,6 +107,51 @@ class TensorParallel:
     def exit(self, x: Tensor) -> Tensor:
         return _Exit.apply(x, self.group)
 
+    @contextmanager
+    def own_random_stream(self, device: torch.device) -> Iterator[None]:
+        """Random numbers drawn inside (dropout of this process's heads) differ between processes,
+        while the shared stream outside, which the replicated residual's dropout uses, stays equal
+        everywhere: the seed is drawn from the shared stream, then offset by rank."""
+        seed = int(torch.randint(2**62, (1,), device=device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + self.rank)
+            yield
+
+
+def groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(tensor-parallel group, data-parallel group) of this process when every `tp` consecutive
+    ranks split one model and the copies of the model train on different data."""
+    rank, world = _group_position(None)
+    if tp < 1 or world % tp:
+        raise ValueError(f"tp={tp} must divide the number of processes ({world})")
+    mine = {}
+    for start in range(0, world, tp):  # every process creates every group, in the same order
+        group = dist.new_group(list(range(start, start + tp)))
+        if start <= rank < start + tp:
+            mine["tp"] = group
+    for offset in range(tp):
+        group = dist.new_group(list(range(offset, world, tp)))
+        if rank % tp == offset:
+            mine["dp"] = group
+    return mine["tp"], mine["dp"]
+
+
+def clip_grad_norm_(model: Transformer, max_norm: float) -> Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over the whole model's gradients: split gradients' squares are
+    summed across the group, replicated ones counted once, so every process scales alike."""
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    split = [g for name, g in grads.items() if split_of(name) != "replicated"]
+    whole = [g for name, g in grads.items() if split_of(name) == "replicated"]
+    device = next(iter(grads.values())).device
+    split_sq = sum((g.float().pow(2).sum() for g in split), torch.zeros((), device=device))
+    whole_sq = sum((g.float().pow(2).sum() for g in whole), torch.zeros((), device=device))
+    total = (_all_reduce(split_sq, tp.group) + whole_sq).sqrt()
+    torch._foreach_mul_(list(grads.values()), (max_norm / (total + 1e-6)).clamp(max=1.0))
+    return total
+
 
 def check_divisible(cfg: Config, world: int) -> None:
     """Heads, key/value heads and MLP width must split evenly: checked before any communication."""
@@ -108,33 +163,89 @@ def check_divisible(cfg: Config, world: int) -> None:
         raise ValueError(f"cannot split {', '.join(bad)} across a tensor-parallel group of {world} processes")
 
 
-def local_state(model: Transformer, read: Callable[[str, Index], Tensor], rank: int, world: int) -> dict[str, Tensor]:
-    """This process's tensors, read from the full ones by name and index (in memory or on disk)."""
-    cfg, everything = model.cfg, (slice(None),)
+def split_of(name: str) -> str:
+    """How the tensor `name` is divided among processes: "qkv" (its query rows, then its key and value
+    rows), "head_columns" (W_O), "mlp_rows" (W_in, the gate, b_in), "mlp_columns" (W_out) or
+    "replicated". W_O's and W_out's rows are the columns of the stored (d_model, ·) matrices."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("qkv_weight", "qkv_bias"):
+        return "qkv"
+    if leaf == "o_weight":
+        return "head_columns"
+    if leaf in ("in_weight", "gate_weight") or name.endswith("mlp.b_in"):
+        return "mlp_rows"
+    if name.endswith("mlp.out_weight"):
+        return "mlp_columns"
+    return "replicated"
+
+
+def _qkv_rows(cfg: Config, rank: int, world: int) -> list[slice]:
+    """Process `rank`'s query, key and value rows of the packed (q, k, v) projection."""
     h, kv, dh = cfg.n_heads // world, cfg.n_kv_heads // world, cfg.d_head
     q_rows = slice(rank * h * dh, (rank + 1) * h * dh)
     kv_rows = [
         slice(
-            cfg.n_heads * dh + rank * kv * dh + part * cfg.n_kv_heads * dh,
-            cfg.n_heads * dh + (rank + 1) * kv * dh + part * cfg.n_kv_heads * dh,
+            cfg.n_heads * dh + (part * cfg.n_kv_heads + rank * kv) * dh,
+            cfg.n_heads * dh + (part * cfg.n_kv_heads + (rank + 1) * kv) * dh,
         )
         for part in (0, 1)
     ]
+    return [q_rows, *kv_rows]
+
+
+def local_state(
+    cfg: Config, names: Iterable[str], read: Callable[[str, Index], Tensor], rank: int, world: int
+) -> dict[str, Tensor]:
+    """This process's share of the tensors `names`, read from the full ones by name and index (in
+    memory or on disk). Weights, their gradients and optimizer moments split alike."""
     m = cfg.d_mlp // world
     mlp_rows = slice(rank * m, (rank + 1) * m)
+    q_rows = _qkv_rows(cfg, rank, world)[0]
     out = {}
-    for name in model.state_dict():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("qkv_weight", "qkv_bias"):  # this process's query heads, then its K and V heads
-            out[name] = torch.cat([read(name, (q_rows,)), read(name, (kv_rows[0],)), read(name, (kv_rows[1],))])
-        elif leaf == "o_weight":
-            out[name] = read(name, (slice(None), q_rows))  # W_O rows = the columns of (d_model, heads·d_head)
-        elif leaf in ("in_weight", "gate_weight") or name.endswith("mlp.b_in"):
+    for name in names:
+        split = split_of(name)
+        if split == "qkv":  # this process's query heads, then its K and V heads
+            out[name] = torch.cat([read(name, (rows,)) for rows in _qkv_rows(cfg, rank, world)])
+        elif split == "mlp_rows":
             out[name] = read(name, (mlp_rows,))
-        elif name.endswith("mlp.out_weight"):
+        elif split == "mlp_columns":
             out[name] = read(name, (slice(None), mlp_rows))
+        elif split == "head_columns":
+            out[name] = read(name, (slice(None), q_rows))
         else:
-            out[name] = read(name, everything)  # replicated
+            out[name] = read(name, (slice(None),))
+    return out
+
+
+def share_of(model: Transformer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This process's share of whole tensors (weights, or optimizer moments named by parameter) for a
+    model already split; unsharded models get `tensors` back."""
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        return dict(tensors)
+    read = lambda name, index: tensors[name][index].clone(memory_format=torch.contiguous_format)  # noqa: E731
+    return local_state(model.cfg, tensors, read, tp.rank, tp.world)
+
+
+def full_state(model: Transformer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The whole tensors from every process's share: the inverse of `local_state`. A collective: every
+    process of the model's group calls it. Unsharded models get `tensors` back."""
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        return dict(tensors)
+    out = {}
+    for name, local in tensors.items():
+        split = split_of(name)
+        if split == "replicated":
+            out[name] = local
+            continue
+        parts = _all_gather(local.detach().contiguous(), tp.group, tp.world)
+        if split == "qkv":  # regroup: every process's queries, then every process's keys, then values
+            sizes = [rows.stop - rows.start for rows in _qkv_rows(model.cfg, 0, tp.world)]
+            pieces = [part.split(sizes) for part in parts]
+            out[name] = torch.cat([piece[i] for i in range(3) for piece in pieces])
+        else:
+            out[name] = torch.cat(parts, dim=0 if split == "mlp_rows" else 1)
     return out
 
 
@@ -172,7 +283,7 @@ def shard(model: Transformer, group: dist.ProcessGroup | None = None) -> Transfo
     rank, world = _group_position(group)
     check_divisible(model.cfg, world)
     full = {k: v.detach() for k, v in model.state_dict().items()}
-    state = local_state(model, lambda name, index: full[name][index].clone(), rank, world)
+    state = local_state(model.cfg, full, lambda name, index: full[name][index].clone(), rank, world)
     _localize(model, group, rank, world)
     _assign(model, state)
     return model
@@ -187,7 +298,7 @@ def load_sharded(directory: str | Path, group: dist.ProcessGroup | None = None) 
     with torch.device("meta"):
         model = Transformer(cfg)
     with safe_open(directory / "model.safetensors", framework="pt") as f:
-        state = local_state(model, lambda name, index: f.get_slice(name)[index], rank, world)
+        state = local_state(cfg, model.state_dict(), lambda name, index: f.get_slice(name)[index], rank, world)
     _localize(model, group, rank, world)
     _assign(model, state)
     return model.eval()
@@ -221,10 +332,5 @@ def gather_cache(model: Transformer, cache: ActivationCache) -> ActivationCache:
         if axis is None:
             out[name] = tensor
             continue
-        parts = [torch.empty_like(tensor) for _ in range(tp.world)]
-        try:
-            dist.all_gather(parts, tensor.contiguous(), group=tp.group)
-        except (RuntimeError, dist.DistBackendError) as err:
-            raise PeerError(f"a tensor-parallel peer stopped during a gather: {err}") from None
-        out[name] = torch.cat(parts, dim=axis)
+        out[name] = torch.cat(_all_gather(tensor.contiguous(), tp.group, tp.world), dim=axis)
     return ActivationCache(out)

@@ -1,6 +1,7 @@
 """Training: it learns, it resumes to the same weights after a kill, it parallelises exactly."""
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -219,3 +220,53 @@ def test_encoder_decoder_learns_to_reverse(tmp_path):
     )
     result = train(cfg)
     assert seq2seq_accuracy(result.model, SyntheticData("reverse", 10, 6), n=512) >= 0.99
+
+
+def tp_worker(rank, world, port, out, kw, crash_at):
+    """One process of a tensor-parallel run; `crash_at`: fail inside that step, as a killed run would."""
+    from glassformer import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    torch.set_num_threads(1)
+    if crash_at:
+        real_clip, calls = parallel.clip_grad_norm_, {"n": 0}
+
+        def crashing(model, max_norm):
+            calls["n"] += 1
+            if calls["n"] == crash_at:
+                raise RuntimeError("simulated crash")
+            return real_clip(model, max_norm)
+
+        parallel.clip_grad_norm_ = crashing
+    try:
+        train(config(out, **kw))
+    except RuntimeError as err:
+        assert crash_at and "simulated crash" in str(err)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+SHORT = dict(max_steps=8, checkpoint_interval=8, eval_interval=8)
+
+
+@pytest.mark.parametrize("world", [2, 4])  # 4: two copies of a model split in two (tensor x data parallel)
+def test_tensor_parallel_training_equals_one_process(tmp_path, world):
+    kw = dict(SHORT, tp=2, batch_size=8 // (world // 2), model={**TINY, "n_heads": 4, "n_kv_heads": 2, "act": "swiglu"})
+    mp.spawn(tp_worker, args=(world, free_port(), tmp_path / "tp", kw, 0), nprocs=world, join=True)
+    single = train(config(tmp_path / "single", **{**kw, "tp": 1, "batch_size": 8}))
+    split = gf.Transformer.load(tmp_path / "tp")  # the saved checkpoint is the whole model
+    for (name, a), b in zip(single.model.named_parameters(), split.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    metrics = [json.loads(line) for line in (tmp_path / "tp" / "metrics.jsonl").read_text().splitlines()]
+    if world == 2:  # evaluation batches have batch_size rows: the same as the single run's only here
+        assert metrics[-1]["val_loss"] == pytest.approx(single.metrics[-1]["val_loss"], abs=1e-5)
+
+
+def test_tensor_parallel_run_resumes_to_bit_identical_weights(tmp_path):
+    """A split run with dropout crashes after its step-10 checkpoint; resumed, it ends where an
+    uninterrupted split run ends."""
+    kw = dict(tp=2, max_steps=20, model={**TINY, "dropout": 0.1})
+    mp.spawn(tp_worker, args=(2, free_port(), tmp_path / "straight", kw, 0), nprocs=2, join=True)
+    mp.spawn(tp_worker, args=(2, free_port(), tmp_path / "crashed", kw, 14), nprocs=2, join=True)
+    mp.spawn(tp_worker, args=(2, free_port(), tmp_path / "crashed", {**kw, "resume": True}, 0), nprocs=2, join=True)
+    assert weights_digest(tmp_path / "crashed") == weights_digest(tmp_path / "straight")

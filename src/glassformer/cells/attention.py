@@ -10,6 +10,7 @@ Legend: batch, pos (queries), k_pos (keys), n_heads, n_kv_heads, d_head, d_model
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -179,10 +180,12 @@ class Attention(nn.Module):
             kv_input = None if kv_input is None else self.tp.enter(kv_input)
         q, k, v = self.keys_values(x, positions, kv_input, cache)
         mask = mask or AttentionMask(None)
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device))
-        else:
-            z = self._fused(q, k, v, mask)
+        split_dropout = self.tp is not None and self.training and self.dropout > 0
+        with self.tp.own_random_stream(x.device) if split_dropout else nullcontext():  # each process's heads
+            if self.hook_attn_scores.active or self.hook_pattern.active:
+                z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device))
+            else:
+                z = self._fused(q, k, v, mask)
         z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)

@@ -22,11 +22,23 @@ from glassformer.model import Transformer
 
 
 def save(model: Transformer, directory: str | Path) -> Path:
-    """Write `config.json` and `model.safetensors` into `directory` (created if needed)."""
+    """Write `config.json` and `model.safetensors` into `directory` (created if needed). A model split
+    by `glassformer.parallel` is gathered whole: every process of its group calls this, the first writes."""
+    from glassformer.parallel import full_state
+
+    tensors = full_state(model, model.state_dict())
+    tp = getattr(model, "tp", None)
+    if tp is None or tp.rank == 0:
+        write(model.cfg, tensors, directory)
+    return Path(directory)
+
+
+def write(cfg: Config, state: dict[str, Tensor], directory: str | Path) -> Path:
+    """The checkpoint of a model with config `cfg` and weights `state` (full, not split)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = model.cfg.to_dict()
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    config = cfg.to_dict()
+    tensors = {name: t.detach().contiguous() for name, t in state.items()}
     # One metadata key: safetensors writes several in hash order, which would make equal checkpoints
     # differ in bytes from one process to the next.
     metadata = {"glassformer": json.dumps({"format": 1, "config": config}, sort_keys=True)}

@@ -3,7 +3,8 @@
 AdamW (fused where available; no weight decay on norms, biases and embeddings), linear warm-up
 then cosine decay, gradient clipping and accumulation, periodic evaluation, atomic checkpoints
 with optimizer and random-generator state (so a killed run resumes to the same weights), bf16
-autocast on CUDA, optional `torch.compile`, and data parallelism under `torchrun`.
+autocast on CUDA, optional `torch.compile`, and under `torchrun` data parallelism, tensor
+parallelism (`tp` consecutive processes split each model, see `glassformer.parallel`) or both.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from glassformer import parallel
+from glassformer.checkpoints.native import write
 from glassformer.config import Config
 from glassformer.errors import CheckpointError, InputError
 from glassformer.model import Transformer
 from glassformer.train.data import SEQ2SEQ_TASKS, SYNTHETIC_TASKS, Batch, SyntheticData, TextData, read_corpus
 from glassformer.train.report import plot_losses, write_metrics
-from glassformer.train.state import STATE_FILE, load_state, restore, save_state
+from glassformer.train.state import STATE_FILE, load_state, restore, save_state, snapshot
 from glassformer.train.tokenizers import bpe_tokenizer, char_tokenizer
 
 
@@ -56,6 +60,7 @@ class TrainConfig:
     checkpoint_interval: int = 500
     seed: int = 0
     compile: bool = False
+    tp: int = 1  # processes that split one model (tensor parallelism); the rest of the world splits the data
     deterministic: bool = True  # CPU runs are then bit-reproducible, also across a resume
     progress: bool = True
     resume: bool = False
@@ -75,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
-    model: Transformer
+    model: Transformer  # with tp > 1, this process's share; the whole model is saved in out_dir
     step: int
     metrics: list[dict[str, float]]
     interrupted: bool = False
@@ -183,15 +188,23 @@ def _train(cfg: TrainConfig) -> RunResult:
     data, d_vocab, tokenizer = prepare_data(cfg, run_dir, fields.get("n_ctx", 256), is_main)
     model_cfg = Config(**{"n_ctx": 256, **fields, "d_vocab": d_vocab})
     model = Transformer(model_cfg, seed=cfg.seed).to(device).train()
+    dp_rank, dp_world, dp_group = rank, world, None
+    if cfg.tp > 1:
+        if world % cfg.tp:
+            raise ValueError(f"tp={cfg.tp} must divide the number of processes torchrun started ({world})")
+        parallel.check_divisible(model_cfg, cfg.tp)
+        tp_group, dp_group = parallel.groups(cfg.tp)
+        dp_rank, dp_world = rank // cfg.tp, world // cfg.tp
+        parallel.shard(model, tp_group)
     optimizer = make_optimizer(model, cfg, device)
     data_rng = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per process, as it must
+    torch.manual_seed(cfg.seed + dp_rank)  # dropout differs between copies of the model, as it must
     start, metrics = 0, []
 
     if cfg.resume:
         info, tensors = load_state(run_dir)
         check_resumable(info["meta"], cfg, model_cfg, run_dir)
-        rng = restore(tensors, info, model, optimizer)
+        rng = restore(tensors, info, model, optimizer, partial(parallel.share_of, model))
         data_rng.set_state(rng["data"])
         if f"torch{rank}" not in rng:
             raise CheckpointError(f"{run_dir} was saved by {len(rng) - 1} processes; resume it with as many")
@@ -201,21 +214,23 @@ def _train(cfg: TrainConfig) -> RunResult:
 
     meta = {"train_config": json.loads(json.dumps(dataclasses.asdict(cfg))), "model_config": model_cfg.to_dict()}
     runner = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    if dp_world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(runner, process_group=dp_group)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens_per_step = (
-        cfg.batch_size * cfg.grad_accum * world * (data.n_ctx if hasattr(data, "n_ctx") else cfg.task_length)
+        cfg.batch_size * cfg.grad_accum * dp_world * (data.n_ctx if hasattr(data, "n_ctx") else cfg.task_length)
     )
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main), unit="step")
     last_rng = rng_states(data_rng)
     step, interrupted, started = start, False, time.perf_counter()
 
     def checkpoint() -> None:
-        rng = gather_rng(last_rng, world)  # a collective: every process takes part
+        rng = gather_rng(last_rng, world)  # collectives: every process takes part
+        tensors = snapshot(model, optimizer, partial(parallel.full_state, model))
         if is_main:
-            save_state(run_dir, model, optimizer, rng, step, meta)
-            model.save(run_dir)
+            save_state(run_dir, tensors, optimizer.state_dict()["param_groups"], rng, step, meta)
+            weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            write(model_cfg, weights, run_dir)
             plot_losses(metrics, run_dir / "loss.png")
 
     try:
@@ -223,13 +238,14 @@ def _train(cfg: TrainConfig) -> RunResult:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             for micro in range(cfg.grad_accum):
-                batch = data.batch("train", cfg.batch_size * world, data_rng)  # one global batch, sliced by rank
-                batch = {k: v[rank * cfg.batch_size : (rank + 1) * cfg.batch_size].to(device) for k, v in batch.items()}
-                sync = world == 1 or micro == cfg.grad_accum - 1
+                batch = data.batch("train", cfg.batch_size * dp_world, data_rng)  # one global batch, one slice per copy
+                mine = slice(dp_rank * cfg.batch_size, (dp_rank + 1) * cfg.batch_size)
+                batch = {k: v[mine].to(device) for k, v in batch.items()}
+                sync = dp_world == 1 or micro == cfg.grad_accum - 1
                 with autocast, nullcontext() if sync else runner.no_sync():
                     loss = loss_of(runner, batch) / cfg.grad_accum
                     loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            parallel.clip_grad_norm_(model, cfg.grad_clip)  # over the whole model when it is split
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
