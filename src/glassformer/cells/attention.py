@@ -21,6 +21,7 @@ from glassformer.cells.views import WeightView
 from glassformer.config import Config
 from glassformer.hooks import HookPoint
 from glassformer.kv_cache import LayerKV
+from glassformer.linear import linear
 
 
 class AttentionMask:
@@ -130,12 +131,12 @@ class Attention(nn.Module):
         """Cell 3: q from x; k and v from x (self-attention) or from kv_input (cross-attention)."""
         batch, pos, _ = x.shape
         if kv_input is None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (batch, pos, (n_heads + 2 n_kv_heads) d_head)
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)  # (batch, pos, (n_heads + 2 n_kv_heads) d_head)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
             q = self.project_q(x)
             kv_bias = self._part(self.qkv_bias, self.q_size, 2 * self.kv_size)
-            kv = F.linear(kv_input, self.qkv_weight[self.q_size :], kv_bias)  # (batch, k_pos, 2 n_kv_heads d_head)
+            kv = linear(kv_input, self.qkv_weight[self.q_size :], kv_bias)  # (batch, k_pos, 2 n_kv_heads d_head)
             k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
         q = q.view(batch, pos, self.n_heads, self.d_head)  # (batch, pos, n_heads, d_head)
         k = k.view(batch, -1, self.n_kv_heads, self.d_head)  # (batch, k_pos, n_kv_heads, d_head)
@@ -144,7 +145,7 @@ class Attention(nn.Module):
 
     def project_q(self, x: Tensor) -> Tensor:
         """Queries alone `(batch, pos, n_heads, d_head)`: cross-attention once the encoder's K/V are cached."""
-        q = F.linear(x, self.qkv_weight[: self.q_size], self._part(self.qkv_bias, 0, self.q_size))
+        q = linear(x, self.qkv_weight[: self.q_size], self._part(self.qkv_bias, 0, self.q_size))
         return q.view(*x.shape[:2], self.n_heads, self.d_head)
 
     def keys_values(
@@ -191,9 +192,9 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)
             out = result.sum(dim=2)
         elif self.tp is None:
-            return F.linear(z.flatten(2), self.o_weight, self.b_O)  # (batch, pos, d_model)
+            return linear(z.flatten(2), self.o_weight, self.b_O)  # (batch, pos, d_model)
         else:
-            out = F.linear(z.flatten(2), self.o_weight)  # this process's heads only
+            out = linear(z.flatten(2), self.o_weight)  # this process's heads only
         if self.tp is not None:
             out = self.tp.exit(out)  # sum over every process's heads
         return out if self.b_O is None else out + self.b_O

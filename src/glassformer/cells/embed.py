@@ -15,6 +15,7 @@ from glassformer.cells.norm import Norm
 from glassformer.cells.views import WeightView
 from glassformer.config import Config
 from glassformer.hooks import HookPoint
+from glassformer.linear import linear
 
 
 class Embed(nn.Module):
@@ -48,7 +49,7 @@ class Unembed(nn.Module):
 
     def __init__(self, cfg: Config, embed: Embed) -> None:
         super().__init__()
-        # Stored (d_vocab, d_model) so F.linear runs the head; W_U is the (d_model, d_vocab) view.
+        # Stored (d_vocab, d_model) so linear() runs the head; W_U is the (d_model, d_vocab) view.
         self.weight = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.b_U = nn.Parameter(torch.empty(cfg.d_vocab)) if cfg.bias else None
         self._tied = [embed]  # in a list, so the shared embedding is not registered twice
@@ -73,11 +74,11 @@ class Unembed(nn.Module):
         CPU reads about twice as fast for one row at a time (decoding) as the (d_vocab, d_model)
         storage: see `generate`."""
         if self.head_transform:
-            x = self.hook_transformed(self.ln_transform(self.act(F.linear(x, self.transform_weight, self.b_transform))))
+            x = self.hook_transformed(self.ln_transform(self.act(linear(x, self.transform_weight, self.b_transform))))
         if W_U is not None:
             logits = x @ W_U  # (batch, pos, d_vocab)
             return logits if self.b_U is None else logits + self.b_U
-        return F.linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
+        return linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
 
 
 class Pooler(nn.Module):
@@ -96,4 +97,4 @@ class Pooler(nn.Module):
 
     def forward(self, resid: Tensor) -> Tensor:
         """resid (batch, pos, d_model), e.g. `model.encode(tokens)` -> (batch, d_model)."""
-        return self.hook_pooled(torch.tanh(F.linear(resid[:, 0], self.weight, self.b_pool)))
+        return self.hook_pooled(torch.tanh(linear(resid[:, 0], self.weight, self.b_pool)))

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from glassformer.cells.views import WeightView
 from glassformer.config import Config
 from glassformer.hooks import HookPoint
+from glassformer.linear import linear
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -33,7 +34,7 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[cfg.act]
         self.d_mlp = cfg.d_mlp  # this process's hidden units (a share under tensor parallelism)
         self.tp = None  # set by glassformer.parallel.shard
-        # Stored (out_features, in_features) for F.linear; W_in/W_gate/W_out are transposed views.
+        # Stored (out_features, in_features) for linear(); W_in/W_gate/W_out are transposed views.
         self.in_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model))
         self.gate_weight = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model)) if cfg.gated else None
         self.out_weight = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp))
@@ -63,13 +64,13 @@ class MLP(nn.Module):
         if self.tp is not None:  # tensor parallel: identity forward, all-reduce of the gradient backward
             x = self.tp.enter(x)
         if self.gate_weight is None:
-            pre = self.hook_pre(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
+            pre = self.hook_pre(linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
             post = self.hook_post(self.act(pre))
         else:
-            pre = self.hook_pre(F.linear(x, self.gate_weight))  # (batch, pos, d_mlp)
-            linear = self.hook_pre_linear(F.linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
-            post = self.hook_post(self.act(pre) * linear)
+            pre = self.hook_pre(linear(x, self.gate_weight))  # (batch, pos, d_mlp)
+            up = self.hook_pre_linear(linear(x, self.in_weight, self.b_in))  # (batch, pos, d_mlp)
+            post = self.hook_post(self.act(pre) * up)
         if self.tp is None:
-            return F.linear(post, self.out_weight, self.b_out)  # (batch, pos, d_model)
-        out = self.tp.exit(F.linear(post, self.out_weight))  # summed over every process's hidden units
+            return linear(post, self.out_weight, self.b_out)  # (batch, pos, d_model)
+        out = self.tp.exit(linear(post, self.out_weight))  # summed over every process's hidden units
         return out if self.b_out is None else out + self.b_out

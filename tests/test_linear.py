@@ -1,0 +1,61 @@
+"""linear(): F.linear's numbers, through oneDNN only where no gradient can be needed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glassformer import linear as linear_module
+from glassformer.linear import linear
+
+onednn = pytest.mark.skipif(not linear_module.use_onednn, reason="this torch build has no oneDNN inner product")
+
+
+def ops_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (2, 7, 48), (3, 1, 48)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_equals_f_linear(shape, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=g), torch.randn(80, 48, generator=g)
+    b = torch.randn(80, generator=g) if with_bias else None
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
+        x, w, b = x.transpose(0, -2), w[:40], None if b is None else b[:40]  # strided input, a weight's rows
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b))
+
+
+@onednn
+def test_onednn_runs_without_grad_and_autograd_gets_f_linear():
+    x, w = torch.randn(4, 16), torch.nn.Parameter(torch.randn(8, 16))
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w))
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w))
+    assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(x, w))  # w needs a gradient
+    linear(x, w).square().sum().backward()
+    expected = torch.nn.Parameter(w.detach().clone())
+    F.linear(x, expected).square().sum().backward()
+    torch.testing.assert_close(w.grad, expected.grad)
+
+
+def test_in_place_weight_edits_are_seen_at_once():
+    x, w = torch.randn(3, 16), torch.randn(8, 16)
+    with torch.no_grad():
+        before = linear(x, w)
+        w[2] = 0.0
+        after = linear(x, w)
+    assert torch.equal(after[:, 2], torch.zeros(3)) and not torch.equal(before[:, 2], after[:, 2])
+
+
+def test_switch_off_and_compiled_use_f_linear(monkeypatch):
+    x, w = torch.randn(4, 16), torch.randn(8, 16)
+    monkeypatch.setattr(linear_module, "use_onednn", False)
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(x, w))
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(linear)(x, w), F.linear(x, w))
