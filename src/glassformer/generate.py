@@ -136,15 +136,12 @@ def stream(
         prompt, valid, cache, encoder_out, encoder_mask = _start(
             model, tokens, attention_mask, max_new_tokens, decoder_start_token_id
         )
-        # The head read one row at a time is ~2x faster from a contiguous (d_model, d_vocab) copy
-        # (measured on CPU: 7.7 vs 13.3 ms for GPT-2's); it costs one extra copy while generating.
-        W_U = model.unembed.W_U.detach().contiguous()
         positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos): real tokens only
         next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         cache.advance(valid)
-        logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask, W_U)  # prefill, uncompiled
+        logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask)  # prefill, uncompiled
         for i in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (batch,)
             if eos_token_id is not None:
@@ -154,7 +151,7 @@ def stream(
             if i == max_new_tokens - 1 or bool(finished.all()):
                 return
             cache.advance(one_real)
-            logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask, W_U)
+            logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask)
             next_position = next_position + 1
 
 

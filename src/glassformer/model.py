@@ -181,18 +181,16 @@ class Transformer(HookedRoot):
         cache: KVCache,
         encoder_out: Tensor | None = None,
         encoder_mask: AttentionMask | None = None,
-        W_U: Tensor | None = None,
     ) -> Tensor:
         """One generation step: `tokens (batch, pos)` at `positions (batch, pos)`, written into the
         KV cache at the slots `cache.advance` opened; returns the next-token logits (batch, d_vocab).
-        `W_U`: an optional contiguous copy of the unembedding (faster for one row at a time).
 
         No input checks here (this is the decode hot path): `generate` checks the prompt once.
         """
         stack = self.decoder if self.cfg.arch == "encoder-decoder" else self
         mask = AttentionMask(cache.key_valid, q_slots=cache.slots)
         resid = self._run_stack(stack, tokens, mask, encoder_out, encoder_mask, positions=positions, cache=cache)
-        return self.hook_logits(self.unembed(resid[:, -1:], W_U))[:, 0]  # only the last position is needed
+        return self.hook_logits(self.unembed(resid[:, -1:]))[:, 0]  # only the last position is needed
 
     def generate(self, tokens: Tensor, max_new_tokens: int, **options: Any) -> Any:
         """Prompt and new tokens together (batch, pos + new), as `transformers` returns them; see

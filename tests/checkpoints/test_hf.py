@@ -247,6 +247,12 @@ def test_converted_model_does_not_share_storage_with_the_source():
     assert hf.model.layers[0].input_layernorm.weight.abs().sum() > 0
 
 
+def test_converted_weights_are_contiguous_even_from_transposed_sources():
+    """GPT-2's Conv1D stores (in, out): a strided copy would make every product reorder it."""
+    model = gf.Transformer.from_hf(build("gpt2"))
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
 def test_converted_config_records_the_source():
     model = gf.Transformer.from_hf(build("qwen2"))
     cfg = model.cfg

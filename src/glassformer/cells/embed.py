@@ -69,15 +69,10 @@ class Unembed(nn.Module):
         """(d_model, d_vocab)"""
         return self._weight().T
 
-    def forward(self, x: Tensor, W_U: Tensor | None = None) -> Tensor:
-        """Logits; `W_U` is an optional contiguous (d_model, d_vocab) copy of the weights, which a
-        CPU reads about twice as fast for one row at a time (decoding) as the (d_vocab, d_model)
-        storage: see `generate`."""
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (batch, pos, d_vocab)."""
         if self.head_transform:
             x = self.hook_transformed(self.ln_transform(self.act(linear(x, self.transform_weight, self.b_transform))))
-        if W_U is not None:
-            logits = x @ W_U  # (batch, pos, d_vocab)
-            return logits if self.b_U is None else logits + self.b_U
         return linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
 
 

@@ -166,9 +166,13 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
     cfg = family.config(hf_config, get)
     state = family.weights(get, cfg)
     # Never share storage with a live transformers model: editing one must not change the other.
-    # (Memory-mapped files are copy-on-write, so their tensors are used as they are.)
+    # (Memory-mapped files are copy-on-write, so their tensors are used as they are.) Every weight
+    # ends up contiguous: a transposed (in, out) view would make each product reorder it.
     live = set() if isinstance(source, str | Path) else {t.data_ptr() for t in tensors.values()}
-    state = {k: t.clone() if t.data_ptr() in live else t.contiguous() for k, t in state.items()}
+    state = {
+        k: t.clone(memory_format=torch.contiguous_format) if t.data_ptr() in live else t.contiguous()
+        for k, t in state.items()
+    }
     with torch.device("meta"):
         model = Transformer(cfg)
     check_state(model, state, name)
