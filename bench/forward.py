@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lean import LeanConfig, LeanGPT  # noqa: E402
 
 import glassformer as gf  # noqa: E402
+from glassformer import linear as gf_linear  # noqa: E402
 
 THREADS = 2
 DEFAULT_SHAPES = "1x128,8x128,1x1024"
@@ -156,25 +158,32 @@ def check_quiet(when: str, record: list[tuple[str, float]]) -> None:
 
 
 def matmul_ceiling(repeats: int, patience: float) -> dict[str, float]:
-    """fp32 GFLOP/s of `(m, k) @ (k, n)` for GPT-2-sized shapes: median over `repeats` samples of
-    MATMULS_PER_SAMPLE products each, a sample taken again when another process used the CPUs."""
+    """fp32 GFLOP/s of `(m, k) @ (k, n)` for GPT-2-sized shapes, by `torch.mm` (MKL) and by oneDNN's
+    inner product (what glassformer's `linear` runs without autograd): median over `repeats`
+    samples of MATMULS_PER_SAMPLE products each, a sample taken again when another process used
+    the CPUs."""
     gen = torch.Generator().manual_seed(0)
     result = {}
     for m, k, n in MATMUL_SHAPES:
         a, b, out = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen), torch.empty(m, n)
-        torch.mm(a, b, out=out)  # warm-up
-        samples: list[float] = []
-        for _ in range(4 * repeats):
-            if len(samples) == repeats:
-                break
-            wait_quiet(patience)
-            jiffies, start = cpu_jiffies(), time.perf_counter()
-            for _ in range(MATMULS_PER_SAMPLE):
-                torch.mm(a, b, out=out)
-            seconds = time.perf_counter() - start
-            if others_cores(jiffies, cpu_jiffies(), seconds) <= CONTENDED_CORES:
-                samples.append(MATMULS_PER_SAMPLE * 2 * m * k * n / seconds / 1e9)
-        result[f"{m}x{k}@{k}x{n}"] = statistics.median(samples) if samples else float("nan")
+        b_rows = b.T.contiguous()  # (n, k): the (out_features, in_features) layout of a weight
+        products = {"mm": partial(torch.mm, a, b, out=out)}
+        if gf_linear.use_onednn:
+            products["oneDNN"] = partial(torch.ops.mkldnn._linear_pointwise, a, b_rows, None, "none", [], "")
+        for kind, product in products.items():
+            product()  # warm-up
+            samples: list[float] = []
+            for _ in range(4 * repeats):
+                if len(samples) == repeats:
+                    break
+                wait_quiet(patience)
+                jiffies, start = cpu_jiffies(), time.perf_counter()
+                for _ in range(MATMULS_PER_SAMPLE):
+                    product()
+                seconds = time.perf_counter() - start
+                if others_cores(jiffies, cpu_jiffies(), seconds) <= CONTENDED_CORES:
+                    samples.append(MATMULS_PER_SAMPLE * 2 * m * k * n / seconds / 1e9)
+            result[f"{m}x{k}@{k}x{n} {kind}"] = statistics.median(samples) if samples else float("nan")
     return result
 
 
@@ -437,14 +446,16 @@ def forward_table(cases: dict[str, Case], labels: list[str], peer: str, dims: Di
     """Markdown: plain-forward medians, ratios and glassformer's share of the matmul ceiling."""
     head = (
         f"| batch×pos | glassformer (s) | HF sdpa (s) | lean (s) | {peer} (s) | gf/HF | gf/lean | gf/{peer} "
-        "| GFLOP | gf GFLOP/s | gf % of ceiling |\n|---|---|---|---|---|---|---|---|---|---|---|"
+        "| gf with F.linear (s) | its /HF | its /lean "
+        "| GFLOP | gf GFLOP/s | gf % of ceiling |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for label in labels:
-        g, h, lean, p = (med(cases[n], label) for n in ("glassformer", "HF", "lean", peer))
+        g, mkl, h, lean, p = (med(cases[n], label) for n in ("glassformer", "glassformer F.linear", "HF", "lean", peer))
         flops = forward_flops(dims, *parse_shape(label))
         rows.append(
             f"| {label} | {g:.3f} | {h:.3f} | {lean:.3f} | {p:.3f} | {g / h:.3f} | {g / lean:.3f} | {g / p:.3f} "
+            f"| {mkl:.3f} | {mkl / h:.3f} | {mkl / lean:.3f} "
             f"| {flops / 1e9:.1f} | {flops / g / 1e9:.1f} | {100 * flops / g / 1e9 / ceiling:.0f}% |"
         )
     return "\n".join([head, *rows])
@@ -519,10 +530,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def with_f_linear(fn: Callable[[Tensor], Any]) -> Callable[[Tensor], Any]:
+    """`fn` with every weight product through F.linear (MKL) instead of oneDNN: where the gain is."""
+
+    def run(tokens: Tensor) -> Any:
+        gf_linear.use_onednn = False
+        try:
+            return fn(tokens)
+        finally:
+            gf_linear.use_onednn = True
+
+    return run
+
+
 def make_cases(glass: gf.Transformer, hf: nn.Module, lean: nn.Module, peer: str, tl: nn.Module) -> dict[str, Case]:
     """The six timed cases: four plain forwards and the two cached runs."""
     cases = (
         Case("glassformer", glass),
+        Case("glassformer F.linear", with_f_linear(glass)),
         Case("HF", lambda t: hf_logits(hf, t)),
         Case("lean", lean),
         Case(peer, tl),
