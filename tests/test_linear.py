@@ -51,11 +51,17 @@ def test_in_place_weight_edits_are_seen_at_once():
     assert torch.equal(after[:, 2], torch.zeros(3)) and not torch.equal(before[:, 2], after[:, 2])
 
 
-def test_switch_off_and_compiled_use_f_linear(monkeypatch):
+def test_the_switch_turns_onednn_off(monkeypatch):
     x, w = torch.randn(4, 16), torch.randn(8, 16)
     monkeypatch.setattr(linear_module, "use_onednn", False)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(x, w))
-    monkeypatch.undo()
+
+
+@onednn
+def test_compiled_code_keeps_onednn_as_one_operator():
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    compiled = torch.compile(lambda x: torch.relu(linear(x, w, b)), fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(linear)(x, w), F.linear(x, w))
+        torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, w, b)))
+        assert "glassformer::onednn_linear" in ops_run(lambda: compiled(x))

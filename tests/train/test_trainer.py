@@ -270,3 +270,12 @@ def test_tensor_parallel_run_resumes_to_bit_identical_weights(tmp_path):
     mp.spawn(tp_worker, args=(2, free_port(), tmp_path / "crashed", kw, 14), nprocs=2, join=True)
     mp.spawn(tp_worker, args=(2, free_port(), tmp_path / "crashed", {**kw, "resume": True}, 0), nprocs=2, join=True)
     assert weights_digest(tmp_path / "crashed") == weights_digest(tmp_path / "straight")
+
+
+def test_compiled_training_follows_eager_training(tmp_path):
+    kw = dict(max_steps=4, checkpoint_interval=4, eval_interval=4)
+    eager = train(config(tmp_path / "eager", **kw))
+    compiled = train(config(tmp_path / "compiled", compile=True, **kw))
+    for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert compiled.metrics[-1]["val_loss"] == pytest.approx(eager.metrics[-1]["val_loss"], abs=1e-4)
