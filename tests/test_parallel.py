@@ -224,3 +224,21 @@ def test_each_process_draws_its_own_dropout_inside_a_split_section_and_the_same_
         draws.append((inside, torch.rand(4)))
     assert not torch.equal(draws[0][0], draws[1][0])  # per-head dropout masks differ between processes
     assert torch.equal(draws[0][1], draws[1][1])  # the replicated residual's masks stay equal
+
+
+def test_a_failed_collective_names_a_device_mismatch_or_a_lost_peer(monkeypatch):
+    """nccl refuses CPU tensors with a RuntimeError, as gloo reports a dead peer: the two must read apart."""
+    from glassformer import parallel
+
+    def refuse(x, group=None):
+        raise RuntimeError("No backend type associated with device type cpu")
+
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(parallel.dist, "all_reduce", refuse)
+    monkeypatch.setattr(parallel.dist, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(gf.InputError, match="a cpu tensor cannot take part in nccl's all-reduce.*must be on cuda:0"):
+        parallel._all_reduce(torch.ones(2), None)
+    monkeypatch.setattr(parallel.dist, "get_backend", lambda group=None: "gloo")
+    with pytest.raises(parallel.PeerError, match="peer stopped or timed out during the all-reduce"):
+        parallel._all_reduce(torch.ones(2), None)
+    assert parallel.local_device() == torch.device("cpu")

@@ -43,6 +43,8 @@ def sample(
         drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
+    if generator is not None and generator.device != probs.device:  # e.g. a CPU generator, a model on a GPU
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(probs.device)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 

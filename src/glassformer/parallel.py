@@ -32,7 +32,7 @@ from glassformer.cells.attention import Attention
 from glassformer.cells.mlp import MLP
 from glassformer.checkpoints.files import read_json
 from glassformer.config import Config
-from glassformer.errors import GlassformerError
+from glassformer.errors import GlassformerError, InputError
 from glassformer.hooks import ActivationCache
 from glassformer.model import Transformer
 
@@ -53,11 +53,29 @@ def init(backend: str | None = None, timeout_s: float = 60.0) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def local_device() -> torch.device:
+    """Where this process computes: its own GPU (torchrun's LOCAL_RANK) under nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _failed(what: str, x: Tensor, err: Exception) -> GlassformerError:
+    """The error to raise when a collective fails: a tensor on the wrong device for the backend, or a peer gone."""
+    backend = dist.get_backend()
+    if backend == "nccl" and x.device.type != "cuda":
+        return InputError(
+            f"a {x.device.type} tensor cannot take part in {backend}'s {what}: the model and its inputs "
+            f"must be on {local_device()} (glassformer.parallel.local_device())"
+        )
+    return PeerError(f"a tensor-parallel peer stopped or timed out during the {what}: {err}")
+
+
 def _all_reduce(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     try:
         dist.all_reduce(x, group=group)
-    except (RuntimeError, dist.DistBackendError) as err:
-        raise PeerError(f"a tensor-parallel peer stopped or timed out during an all-reduce: {err}") from None
+    except RuntimeError as err:  # torch.distributed's errors (DistBackendError, …) are RuntimeErrors
+        raise _failed("all-reduce", x, err) from None
     return x
 
 
@@ -65,8 +83,8 @@ def _all_gather(x: Tensor, group: dist.ProcessGroup | None, world: int) -> list[
     parts = [torch.empty_like(x) for _ in range(world)]
     try:
         dist.all_gather(parts, x, group=group)
-    except (RuntimeError, dist.DistBackendError) as err:
-        raise PeerError(f"a tensor-parallel peer stopped or timed out during a gather: {err}") from None
+    except RuntimeError as err:
+        raise _failed("gather", x, err) from None
     return parts
 
 
@@ -279,18 +297,22 @@ def _group_position(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 
 def shard(model: Transformer, group: dist.ProcessGroup | None = None) -> Transformer:
-    """Split `model` across `group` (default: every process), in place; returns it."""
+    """Split `model` across `group` (default: every process), in place; returns it. Under nccl the
+    model moves to this process's GPU (`local_device()`); the inputs must be put there too."""
     rank, world = _group_position(group)
     check_divisible(model.cfg, world)
     full = {k: v.detach() for k, v in model.state_dict().items()}
     state = local_state(model.cfg, full, lambda name, index: full[name][index].clone(), rank, world)
     _localize(model, group, rank, world)
     _assign(model, state)
-    return model
+    return model.to(local_device()) if local_device().type == "cuda" else model
 
 
-def load_sharded(directory: str | Path, group: dist.ProcessGroup | None = None) -> Transformer:
-    """Open a glassformer checkpoint already split: each process reads only its own slices."""
+def load_sharded(
+    directory: str | Path, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+) -> Transformer:
+    """Open a glassformer checkpoint already split: each process reads only its own slices, onto
+    `device` (default: `local_device()`, this process's GPU under nccl)."""
     rank, world = _group_position(group)
     directory = Path(directory)
     cfg = Config.from_dict(read_json(directory / "config.json"))
@@ -301,7 +323,7 @@ def load_sharded(directory: str | Path, group: dist.ProcessGroup | None = None) 
         state = local_state(cfg, model.state_dict(), lambda name, index: f.get_slice(name)[index], rank, world)
     _localize(model, group, rank, world)
     _assign(model, state)
-    return model.eval()
+    return model.to(device if device is not None else local_device()).eval()
 
 
 # Hook names whose tensors are split, and the axis of the split.
