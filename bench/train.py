@@ -25,7 +25,7 @@ from forward import THREADS, cpu_model  # noqa: E402
 from lean import LeanConfig, LeanGPT  # noqa: E402
 
 import glassformer as gf  # noqa: E402
-from glassformer.train.trainer import TrainConfig, loss_of, make_optimizer  # noqa: E402
+from glassformer.training.trainer import TrainConfig, loss_of, make_optimizer  # noqa: E402
 
 DIMS = dict(n_layers=6, n_heads=6, d_model=384, n_ctx=256, d_vocab=65)
 BATCH = 16

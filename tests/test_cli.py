@@ -102,3 +102,42 @@ def test_generate_streams_the_continuation_and_reports_speed(tmp_path, capsys):
     assert "[5 tokens in" in err and "tokens/s]" in err
     assert main(["generate", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "40"]) == 2
     assert "exceeds the model's n_ctx=32" in capsys.readouterr().err
+
+
+def test_train_resume_sample_trace_and_generate_on_a_text_file(tmp_path, capsys):
+    """The text workflow end to end: train, continue with only --resume, then use the run directory."""
+    import json
+
+    import glassformer as gf
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("To be, or not to be, that is the question.\n" * 60)
+    run = str(tmp_path / "run")
+    shape = ["--n-layers", "1", "--d-model", "16", "--n-heads", "2", "--n-ctx", "16"]
+    steps = ["--batch-size", "4", "--eval-interval", "2", "--eval-batches", "1", "--warmup-steps", "1"]
+    common = ["--no-progress", "--sample-tokens", "20", "--out", run]
+    assert main(["train", "--data", str(corpus), *shape, *steps, "--max-steps", "4", *common]) == 0
+    out = capsys.readouterr().out
+    assert "done at step 4" in out and "a sample from the KV-cache decoder" in out
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "sample.txt"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    assert "blocks.0.attn.hook_pattern" in (tmp_path / "run" / "trace.txt").read_text()
+    assert (tmp_path / "run" / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --resume needs no other flag: the shape, data and schedule come from the run itself.
+    assert main(["train", "--resume", "--max-steps", "6", *common]) == 0
+    assert "done at step 6" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert gf.Transformer.load(run).cfg.d_model == 16
+
+    assert main(["sample", run, "--prompt", "To be", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert main(["trace", run, "--prompt", "not to"]) == 0
+    out = capsys.readouterr().out
+    assert "token 5" in out and "of 6" in out and "random weights" not in out
+    assert main(["trace", run, "--prompt", "not", "--position", "3"]) == 2
+    assert "position=3 is outside the 3 tokens" in capsys.readouterr().err
+    assert main(["generate", run, "--prompt", "Ω."]) == 2
+    err = capsys.readouterr().err
+    assert "characters not in its vocabulary: ['Ω']" in err and "Traceback" not in err

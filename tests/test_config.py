@@ -35,6 +35,10 @@ def test_explicit_fields_win_over_derivation():
         ({"positional": "rotary", "rotary_dim": 16}, ["rotary_dim=16", "d_head=8"]),
         ({"dropout": 1.0}, ["dropout=1.0", "[0, 1)"]),
         ({"eps": 0.0}, ["eps=0.0", "positive"]),
+        ({"dropout": "0.1"}, ["dropout='0.1'", "number", "str"]),
+        ({"rotary_base": None}, ["rotary_base=None", "number"]),
+        ({"bias": "yes"}, ["bias='yes'", "True or False"]),
+        ({"tie_embeddings": 1}, ["tie_embeddings=1", "True or False"]),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(changes, words):

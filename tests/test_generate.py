@@ -60,10 +60,11 @@ def test_left_padded_rows_decode_as_they_do_alone(name):
     mask = torch.zeros_like(prompt)
     for i, row in enumerate(rows):
         prompt[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-    batched = model.generate(prompt, 9, attention_mask=mask)
+    batched, cache = model.generate(prompt, 9, attention_mask=mask, return_cache=True)
     for i, row in enumerate(rows):
-        alone = model.generate(row[None], 9)
+        alone, alone_cache = model.generate(row[None], 9, return_cache=True)
         assert torch.equal(batched[i, width - len(row) :], alone[0]), f"row {i}"
+        torch.testing.assert_close(cache["hook_logits"][i, -9:], alone_cache["hook_logits"][0, -9:], atol=1e-5, rtol=0)
 
 
 def test_encoder_decoder_padded_sources_decode_as_they_do_alone():
@@ -83,6 +84,18 @@ def test_cache_memory_is_exactly_two_layers_batch_len_kv_heads_d_head():
     cache = KVCache(cfg.n_layers, batch=3, n_kv_heads=cfg.n_kv_heads, max_len=17, d_head=cfg.d_head)
     assert cache.numel() == 2 * cfg.n_layers * 3 * 17 * cfg.n_kv_heads * cfg.d_head
     assert cache.k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, 17, cfg.d_head)  # grouped-query heads once
+
+
+def test_generate_allocates_exactly_the_cache_it_needs(monkeypatch):
+    import glassformer.generate as generation
+
+    made = []
+    real = generation.KVCache
+    monkeypatch.setattr(generation, "KVCache", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    model = make(**DECODERS["gqa-rotary-swiglu"])  # 2 layers, 2 key/value heads of 8 for 4 query heads
+    model.generate(torch.randint(0, 50, (3, 7)), 10)
+    (cache,) = made
+    assert cache.numel() == 2 * 2 * 3 * (7 + 10) * 2 * 8
 
 
 def test_stream_yields_the_tokens_generate_returns():

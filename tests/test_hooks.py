@@ -91,6 +91,7 @@ def test_unknown_hook_name_suggests_the_closest_valid_names():
     [
         (lambda t: t[:, :-1], r"returned shape \(2, 4, 4, 4\), expected \(2, 5, 4, 4\)"),
         (lambda t: 3.0, "returned float"),
+        (lambda t: t.double(), "returned a torch.float64 tensor on cpu, expected torch.float32 on cpu"),
     ],
 )
 def test_hook_returning_something_unusable_is_a_clear_error(returned, message):
@@ -205,3 +206,14 @@ def test_norm_scale_hook_switches_to_explicit_steps_with_the_same_output():
             logits, cache = model.run_with_cache(TOKENS, names_filter=lambda n: "hook_scale" in n)
         torch.testing.assert_close(logits, plain, atol=1e-5, rtol=1e-5)
         assert cache["scale", 0].shape == (2, 5, 1)
+
+
+@pytest.mark.parametrize(
+    "fwd_hooks",
+    [("blocks.0.attn.hook_z", lambda t, h: None), [("blocks.0.attn.hook_z",)], [(3, lambda t, h: None)], "hook_z"],
+)
+def test_hooks_not_given_as_a_list_of_pairs_are_a_clear_error(fwd_hooks):
+    model = make()
+    with pytest.raises(TypeError, match=r"fwd_hooks must be a list of \(hook name or predicate, fn\) pairs"):
+        model.run_with_hooks(TOKENS, fwd_hooks=fwd_hooks)
+    assert active_hooks(model) == []

@@ -19,5 +19,16 @@ __all__ = [
     "Trace",
     "Transformer",
     "trace",
+    "train",
+    "TrainConfig",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`gf.train` and `gf.TrainConfig`, imported on first use (training pulls in tqdm and tokenizers)."""
+    if name in ("train", "TrainConfig"):
+        from glassformer.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'glassformer' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from glassformer.inspect.commands import add_commands
 from glassformer.inspect.examples import two_heads
 from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
-from glassformer.tokenizer import load_tokenizer
+from glassformer.tokenizer import encode_prompt, load_tokenizer
 
 # Config fields settable from the command line, with their argparse options.
 MODEL_FLAGS: dict[str, dict] = {
@@ -37,7 +37,6 @@ MODEL_FLAGS: dict[str, dict] = {
     "dropout": dict(type=float),
     "attn_only": dict(action=argparse.BooleanOptionalAction),
 }
-TRACE_MODEL = dict(arch="decoder", n_layers=1, d_model=8, n_heads=2, n_ctx=64)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, **defaults: Any) -> None:
@@ -52,23 +51,19 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
 
 
-def byte_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
-    """UTF-8 bytes as token ids (vocabulary 256) and a printable label per token."""
-    data = text.encode("utf-8")
-    labels = [chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data]
-    return torch.tensor([list(data)]), labels
-
-
 def cmd_trace(args: argparse.Namespace) -> None:
+    from glassformer.inspect.commands import model_from_args, prompt_tokens
+
     if args.example == "two-heads":
         model, tokens, labels = two_heads()
         print(trace(model, tokens, position=args.position, labels=labels, max_values=args.max_values))
         return
-    tokens, labels = byte_tokens(args.prompt)
-    model = Transformer(Config(**config_fields(args), d_vocab=256), seed=args.seed).eval()
+    model = model_from_args(args)
+    tokens, labels = prompt_tokens(args.checkpoint, args.prompt)
     tgt = tokens if model.cfg.arch == "encoder-decoder" else None
     print(trace(model, tokens, tgt, position=args.position, labels=labels, max_values=args.max_values))
-    print("\n(random weights: the numbers show the arithmetic, not a trained model's behaviour)")
+    if not args.checkpoint:
+        print("\n(random weights: the numbers show the arithmetic, not a trained model's behaviour)")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -117,14 +112,16 @@ def open_for_generation(directory: str, tp: int) -> Transformer:
         return open_checkpoint(directory)
     from glassformer import parallel
 
+    config = json.loads((Path(directory) / "config.json").read_text())
+    own_format = "model_type" not in config
+    if own_format:
+        parallel.check_divisible(Config.from_dict(config), tp)  # before any communication
     parallel.init()
     if torch.distributed.get_world_size() != tp:
         raise ValueError(f"--tp {tp} needs as many processes; torchrun started {torch.distributed.get_world_size()}")
-    if (Path(directory) / "train_state.safetensors").exists() or "model_type" not in json.loads(
-        (Path(directory) / "config.json").read_text()
-    ):
+    if own_format:
         return parallel.load_sharded(directory)  # each process reads only its slices
-    return parallel.shard(open_checkpoint(directory))
+    return parallel.shard(open_checkpoint(directory))  # a Hugging Face checkpoint is converted whole, then split
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -132,9 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = open_for_generation(args.checkpoint, args.tp), load_tokenizer(args.checkpoint)
     main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    ids = tokenizer.encode(args.prompt).ids
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens; give some text")
+    ids = encode_prompt(tokenizer, args.prompt)
     options = dict(
         do_sample=not args.greedy,
         temperature=args.temperature,
@@ -148,7 +143,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     new: list[int] = []
     shown = ""
     start = time.perf_counter()
-    for token in model.stream(torch.tensor([ids]), args.max_new_tokens, **options):
+    prompt = torch.tensor([ids], device=model.embed.W_E.device)  # a split model may sit on this process's GPU
+    for token in model.stream(prompt, args.max_new_tokens, **options):
         new.append(int(token[0]))
         text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
         show(text[len(shown) :], end="", flush=True)  # print what the new token adds to the text
@@ -181,16 +177,22 @@ TRAIN_FLAGS: dict[str, dict] = {
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from glassformer.train.data import SEQ2SEQ_TASKS, SyntheticData
-    from glassformer.train.presets import PRESETS
-    from glassformer.train.showcase import seq2seq_accuracy, show_text_run
-    from glassformer.train.trainer import TrainConfig, train
+    from glassformer.training.data import SEQ2SEQ_TASKS, SyntheticData
+    from glassformer.training.presets import PRESETS
+    from glassformer.training.showcase import seq2seq_accuracy, show_text_run
+    from glassformer.training.state import STATE_FILE, read_info
+    from glassformer.training.trainer import TrainConfig, train
 
-    preset = dict(PRESETS[args.preset])
-    model_fields = {**preset.pop("model"), **config_fields(args)}
+    # A new run starts from the preset; a resumed one from the settings saved with it.
+    if args.resume and (Path(args.out) / STATE_FILE).exists():
+        saved = read_info(Path(args.out))["meta"]["train_config"]
+        base = {k: v for k, v in saved.items() if k not in ("out_dir", "resume", "progress", "compile")}
+    else:
+        base = dict(PRESETS[args.preset])
+    model_fields = {**base.pop("model"), **config_fields(args)}
     chosen = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     cfg = TrainConfig(
-        **{**preset, **chosen},
+        **{**base, **chosen},
         out_dir=args.out,
         model=model_fields,
         compile=args.compile,
@@ -202,9 +204,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     model = Transformer.load(args.out) if cfg.tp > 1 else result.model  # a split model runs only in its group
     last = result.metrics[-1] if result.metrics else {}
-    state = "interrupted, saved" if result.interrupted else "done"
+    if result.interrupted:  # Ctrl-C: the completed steps are saved; no sample, no pictures
+        print(f"interrupted at step {result.step}, saved -> {args.out} (continue with --resume)")
+        return
     print(
-        f"{state} at step {result.step}: train loss {last.get('train_loss', float('nan')):.4f}, "
+        f"done at step {result.step}: train loss {last.get('train_loss', float('nan')):.4f}, "
         f"validation loss {last.get('val_loss', float('nan')):.4f} -> {args.out}"
     )
     if cfg.data in SEQ2SEQ_TASKS:
@@ -220,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from glassformer.train.showcase import sample_text
+    from glassformer.training.showcase import sample_text
 
     model, tokenizer = Transformer.load(args.dir), load_tokenizer(args.dir)
     print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed))
@@ -230,18 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("trace", help="walk one token through the model, cell by cell")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory with tokenizer.json (default: flags)")
     p.add_argument("--example", choices=["two-heads"], help="a worked example with hand-set weights")
-    p.add_argument("--prompt", default="Hello", help="text to run (UTF-8 bytes are the tokens)")
+    p.add_argument("--prompt", default="Hello", help="text to run (without a checkpoint, UTF-8 bytes are the tokens)")
     p.add_argument("--position", type=int, default=-1, help="which token to trace (default: the last)")
     p.add_argument("--max-values", type=int, default=8, help="show vectors up to this size in full")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    add_config_flags(p, **TRACE_MODEL)
+    add_config_flags(p)
     p.set_defaults(run=cmd_trace)
 
     p = sub.add_parser("train", help="train a model from scratch on text or a synthetic task")
     p.add_argument("--preset", choices=("tiny", "demo", "small"), default="tiny")
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint, tokenizer, metrics, pictures")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out, with its settings")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--sample-tokens", type=int, default=500, help="length of the sample printed at the end")
@@ -293,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GlassformerError, ValueError, TypeError) as err:
         print(f"glassformer {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a training loop (which saves and returns) there is nothing to keep
+        print(f"glassformer {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # a gloo group left to interpreter exit can abort it

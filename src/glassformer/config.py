@@ -28,6 +28,16 @@ def _positive(name: str, value: Any) -> None:
         raise ValueError(f"Config.{name}={value!r} must be a positive integer")
 
 
+def _number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"Config.{name}={value!r} must be a number, not {type(value).__name__}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Config.{name}={value!r} must be True or False, not {type(value).__name__}")
+
+
 @dataclass
 class Config:
     """The shape and wiring of a transformer; `Transformer(cfg)` builds it."""
@@ -70,6 +80,11 @@ class Config:
         _choice("act", self.act, ACTS)
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
             _positive(name, getattr(self, name))
+        for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
+            _number(name, getattr(self, name))
+        for name in ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias"):
+            _flag(name, getattr(self, name))
+        _flag("tie_embeddings", self.tie_embeddings)
 
         if self.d_head is None:
             if self.d_model % self.n_heads:

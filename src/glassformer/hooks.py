@@ -61,6 +61,10 @@ class HookPoint(nn.Module):
             raise HookError(f"hook on {self.name} returned {type(out).__name__}, expected a Tensor or None")
         if out.shape != x.shape:
             raise HookError(f"hook on {self.name} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
+        if out.dtype != x.dtype or out.device != x.device:
+            raise HookError(
+                f"hook on {self.name} returned a {out.dtype} tensor on {out.device}, expected {x.dtype} on {x.device}"
+            )
         return out
 
     def _checked_grad(self, out: Any, grad: Tensor) -> Tensor | None:
@@ -169,6 +173,20 @@ class ActivationCache:
         return f"ActivationCache({len(self)} activations)"
 
 
+def _pairs(specs: Any, argument: str) -> list[HookSpec]:
+    """`specs` as a list of (name or predicate, fn) pairs, or a TypeError saying what was expected."""
+    pairs = list(specs) if isinstance(specs, list | tuple) else None
+    if pairs is None or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and callable(p[1]) and (isinstance(p[0], str) or callable(p[0]))
+        for p in pairs
+    ):
+        raise TypeError(
+            f"{argument} must be a list of (hook name or predicate, fn) pairs, e.g. "
+            f"[('blocks.0.attn.hook_z', fn)]; got {specs!r:.120}"
+        )
+    return pairs
+
+
 class HookedRoot(nn.Module):
     """A model whose HookPoints are named by module path and can be hooked or cached by name."""
 
@@ -207,7 +225,7 @@ class HookedRoot(nn.Module):
         added: list[tuple[HookPoint, HookFn, bool]] = []
         try:
             for specs, backward in ((fwd_hooks, False), (bwd_hooks, True)):
-                for selector, fn in specs:
+                for selector, fn in _pairs(specs, "bwd_hooks" if backward else "fwd_hooks"):
                     for hook in self._match(selector):
                         hook.add(fn, backward)
                         added.append((hook, fn, backward))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from glassformer.errors import CheckpointError
+from glassformer.errors import CheckpointError, InputError
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
@@ -15,3 +15,17 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if not path.exists():
         raise CheckpointError(f"{path} is missing: this checkpoint has no tokenizer to turn text into tokens")
     return Tokenizer.from_file(str(path))
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt; an InputError when the tokenizer cannot encode it (a character a
+    character-level vocabulary has never seen) or when it encodes to no tokens at all."""
+    try:
+        ids = tokenizer.encode(text).ids
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        unknown = sorted(set(text) - set(tokenizer.get_vocab()))
+        detail = f"characters not in its vocabulary: {unknown[:10]}" if unknown else str(err)
+        raise InputError(f"the tokenizer cannot encode the prompt {text[:40]!r}: {detail}") from None
+    if not ids:
+        raise InputError(f"the prompt {text!r} encodes to no tokens; give some text")
+    return ids

@@ -349,3 +349,49 @@ def test_greedy_generation_matches_transformers_encoder_decoder():
     )
     out = model.generate(src, 10, attention_mask=mask, decoder_start_token_id=hf.config.decoder_start_token_id)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "bart", "marian"])
+def test_left_padded_rows_equal_transformers_on_the_row_alone(family):
+    """glassformer counts positions over real tokens, so a left-padded row computes what transformers
+    computes for the same tokens unpadded (transformers itself would need position_ids for that)."""
+    hf = build(family)
+    model = gf.Transformer.from_hf(hf)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(3, 101, (2, 10), generator=g)
+    mask = torch.ones_like(tokens)
+    mask[0, :4] = 0  # row 0: 6 real tokens after 4 pads
+    seq2seq = family in ("bart", "marian")
+    tgt = torch.randint(3, 101, (2, 5), generator=g)
+    with torch.no_grad():
+        if seq2seq:
+            ours = model(tokens, tgt, attention_mask=mask)
+            alone = [
+                hf(input_ids=tokens[i : i + 1, 4 * (1 - i) :], decoder_input_ids=tgt[i : i + 1]).logits for i in (0, 1)
+            ]
+            for i in (0, 1):
+                torch.testing.assert_close(ours[i : i + 1], alone[i], atol=1e-4, rtol=0)
+            return
+        _, cache = model.run_with_cache(tokens, attention_mask=mask)
+        last = cache["resid_post", model.cfg.n_layers - 2]  # a block output both sides expose
+        for i, start in ((0, 4), (1, 0)):
+            ref = hf(tokens[i : i + 1, start:], output_hidden_states=True).hidden_states[model.cfg.n_layers - 1]
+            torch.testing.assert_close(last[i : i + 1, start:], ref, atol=1e-4, rtol=0)
+
+
+def test_to_hf_of_a_model_no_family_holds_names_the_reason(tmp_path):
+    swiglu_learned = gf.Transformer(gf.Config(n_layers=1, d_model=8, n_heads=2, d_vocab=10, n_ctx=4, act="swiglu"))
+    with pytest.raises(gf.CheckpointError, match="(?s)no Hugging Face decoder family fits.*act='swiglu'"):
+        swiglu_learned.to_hf(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_without_a_needed_field_is_a_clear_error(tmp_path):
+    import json
+
+    build("gpt2").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gf.CheckpointError, match="config lacks the field 'n_embd'"):
+        gf.Transformer.from_hf(tmp_path)

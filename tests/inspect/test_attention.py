@@ -29,7 +29,7 @@ def test_encoder_decoder_pictures_show_the_decoder(tmp_path):
 
 
 def test_training_leaves_the_deterministic_setting_as_it_found_it(tmp_path):
-    from glassformer.train.trainer import TrainConfig, train
+    from glassformer.training.trainer import TrainConfig, train
 
     before = torch.are_deterministic_algorithms_enabled()
     train(

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import glassformer as gf
 from glassformer.inspect.heads import DETECTORS, detect_heads, repeated_tokens, target_masks
-from glassformer.train.trainer import TrainConfig, train
+from glassformer.training.trainer import TrainConfig, train
 
 
 def test_repeated_tokens_repeat_and_are_seeded():

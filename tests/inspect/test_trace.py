@@ -63,3 +63,10 @@ def test_every_cell_appears_in_order(kw):
     if cfg.parallel_attn_mlp:  # one add for both cells, read from the block's output
         assert step(trace, "residual add").hook == "blocks.0.hook_resid_post" and "MLP in" in cells
     assert all(s.values.numel() > 0 for s in trace.steps)
+
+
+@pytest.mark.parametrize(("position", "batch_index"), [(3, 0), (-4, 0), (0, 1)])
+def test_a_position_or_sequence_outside_the_input_is_a_clear_error(position, batch_index):
+    model, tokens, _ = two_heads()
+    with pytest.raises(gf.InputError, match="outside the"):
+        gf.trace(model, tokens, position=position, batch_index=batch_index)

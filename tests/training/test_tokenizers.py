@@ -3,8 +3,8 @@
 import pytest
 
 import glassformer as gf
-from glassformer.train.data import read_corpus
-from glassformer.train.tokenizers import bpe_tokenizer, char_tokenizer, encode
+from glassformer.training.data import read_corpus
+from glassformer.training.tokenizers import bpe_tokenizer, char_tokenizer, encode
 
 SHAKESPEARE = read_corpus("tinyshakespeare")
 

@@ -15,8 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 import glassformer as gf
-from glassformer.train.data import SyntheticData
-from glassformer.train.trainer import TrainConfig, learning_rate, loss_of, make_optimizer, train
+from glassformer.training.data import SyntheticData
+from glassformer.training.trainer import TrainConfig, learning_rate, loss_of, make_optimizer, train
 
 TINY = dict(n_layers=2, n_heads=2, d_model=32, n_ctx=32)
 
@@ -109,7 +109,7 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 
 RESUME_SCRIPT = """
 import sys
-from glassformer.train.trainer import TrainConfig, train
+from glassformer.training.trainer import TrainConfig, train
 out, steps = sys.argv[1], int(sys.argv[2])
 train(TrainConfig(out_dir=out, data="repeat", task_vocab=12, task_length=8, batch_size=8, max_steps=steps,
                   warmup_steps=5, eval_interval=10, eval_batches=2, checkpoint_interval=10, progress=False,
@@ -203,7 +203,7 @@ def test_ddp_on_two_processes_equals_one_process_with_the_doubled_batch(tmp_path
 
 @pytest.mark.slow
 def test_encoder_decoder_learns_to_reverse(tmp_path):
-    from glassformer.train.showcase import seq2seq_accuracy
+    from glassformer.training.showcase import seq2seq_accuracy
 
     cfg = config(
         tmp_path,
@@ -279,3 +279,24 @@ def test_compiled_training_follows_eager_training(tmp_path):
     for (name, a), b in zip(eager.model.named_parameters(), compiled.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     assert compiled.metrics[-1]["val_loss"] == pytest.approx(eager.metrics[-1]["val_loss"], abs=1e-4)
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once(tmp_path):
+    """Two micro-batches of 4 windows are the 8 windows one batch of 8 draws: the same update."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(chr(97 + (i * 7) % 26) for i in range(5000)))
+    kw = dict(data=str(corpus), max_steps=3, checkpoint_interval=3, eval_interval=3, model={**TINY, "n_ctx": 16})
+    accumulated = train(config(tmp_path / "accum", batch_size=4, grad_accum=2, **kw))
+    whole = train(config(tmp_path / "whole", batch_size=8, **kw))
+    for (name, a), b in zip(accumulated.model.named_parameters(), whole.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    one_micro = train(config(tmp_path / "half", batch_size=4, **kw))  # and it is not the same as half the batch
+    assert not torch.allclose(one_micro.model.embed.W_E, whole.model.embed.W_E, atol=1e-4)
+
+
+@pytest.mark.parametrize(("task", "expected"), [("copy", lambda s: s), ("sort", lambda s: s.sort(1).values)])
+def test_copy_and_sort_tasks_pair_each_source_with_its_answer(task, expected):
+    batch = SyntheticData(task, 10, 6).batch("train", 32, torch.Generator().manual_seed(0))
+    assert torch.equal(batch["targets"], expected(batch["src"]))
+    assert (batch["src"] >= 1).all() and (batch["tgt"][:, 0] == 0).all()  # 0 only starts a target
+    assert torch.equal(batch["tgt"][:, 1:], batch["targets"][:, :-1])  # teacher forcing: shifted by one

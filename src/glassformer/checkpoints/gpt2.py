@@ -65,7 +65,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
         positional="learned",
         norm="layernorm",
         bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         extra={"hf_model_type": "gpt2"},
     )
 

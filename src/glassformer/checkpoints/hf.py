@@ -163,7 +163,10 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
     family = known[model_type]
     tensors = read_tensors(source, allow_pickle)
     get = HFState(tensors, family.prefixes, name)
-    cfg = family.config(hf_config, get)
+    try:
+        cfg = family.config(hf_config, get)
+    except KeyError as err:
+        raise CheckpointError(f"{name}: its {model_type} config lacks the field {err.args[0]!r}") from None
     state = family.weights(get, cfg)
     # Never share storage with a live transformers model: editing one must not change the other.
     # (Memory-mapped files are copy-on-write, so their tensors are used as they are.) Every weight
@@ -225,7 +228,11 @@ PLAIN_DECODER = dict(
 
 
 def hf_activation(act: str) -> str:
-    return {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}[act]
+    """Our activation -> the Hugging Face name of a family with a plain (ungated) MLP."""
+    plain = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    if act not in plain:
+        raise CheckpointError(f"act={act!r} has no place in a plain MLP (needs one of {', '.join(plain)})")
+    return plain[act]
 
 
 def require_zero(state: dict[str, Tensor], names: Sequence[str], family: str) -> None:

@@ -64,7 +64,7 @@ def rotary(hf: dict[str, Any]) -> tuple[float, float]:
 def config(hf: dict[str, Any], get: HFState) -> Config:
     fraction, base = rotary(hf)
     d_head = hf["hidden_size"] // hf["num_attention_heads"]
-    parallel = hf.get("use_parallel_residual", True)
+    parallel = bool(hf.get("use_parallel_residual", True))
     return Config(
         arch="decoder",
         **standard_sizes(hf),

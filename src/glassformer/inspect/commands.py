@@ -65,6 +65,25 @@ def model_from_args(args: argparse.Namespace, d_vocab: int = 256) -> Transformer
     return Transformer(Config(**{**DEFAULT_MODEL, **fields, "d_vocab": d_vocab}), seed=getattr(args, "seed", 0)).eval()
 
 
+def byte_tokens(text: str) -> tuple[torch.Tensor, list[str]]:
+    """UTF-8 bytes as token ids (vocabulary 256) and a printable label per token."""
+    data = text.encode("utf-8")
+    labels = [chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data]
+    return torch.tensor([list(data)]), labels
+
+
+def prompt_tokens(checkpoint: str | None, prompt: str) -> tuple[torch.Tensor, list[str]]:
+    """The prompt as (1, pos) tokens and a label per token: by the checkpoint's tokenizer, or, for a
+    random-weight model from flags, as UTF-8 bytes."""
+    from glassformer.tokenizer import encode_prompt, load_tokenizer
+
+    if not checkpoint:
+        return byte_tokens(prompt)
+    tokenizer = load_tokenizer(checkpoint)
+    ids = encode_prompt(tokenizer, prompt)
+    return torch.tensor([ids]), [tokenizer.id_to_token(i) for i in ids]
+
+
 def open_model(directory: str) -> Transformer:
     """A glassformer or Hugging Face checkpoint directory, in eval mode."""
     from glassformer.cli import open_checkpoint
@@ -98,19 +117,10 @@ def cmd_heads(args: argparse.Namespace) -> None:
 
 
 def cmd_html(args: argparse.Namespace) -> None:
-    from glassformer.cli import byte_tokens
     from glassformer.inspect.html import write_page
-    from glassformer.tokenizer import load_tokenizer
 
     model = model_from_args(args)
-    if args.checkpoint:
-        tokenizer = load_tokenizer(args.checkpoint)
-        ids = tokenizer.encode(args.prompt).ids
-        if not ids:
-            raise ValueError("the prompt encodes to no tokens; give some text")
-        tokens, labels = torch.tensor([ids]), [tokenizer.id_to_token(i) for i in ids]
-    else:
-        tokens, labels = byte_tokens(args.prompt)
+    tokens, labels = prompt_tokens(args.checkpoint, args.prompt)
     tgt = tokens if model.cfg.arch == "encoder-decoder" else None
     path = write_page(args.out, model, tokens, labels=labels, position=args.position, tgt=tgt, tgt_labels=labels)
     print(f"wrote {path}: open it in a browser (it needs no network)")

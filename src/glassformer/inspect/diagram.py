@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from glassformer.config import Config
+from glassformer.errors import GlassformerError
 from glassformer.hooks import HookPoint
 from glassformer.model import Transformer
 
@@ -266,5 +267,7 @@ def render(text: str, path: str | Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "diagram.mmd"
         source.write_text(text)
-        subprocess.run([mmdc, "-i", str(source), "-o", str(path)], check=True, capture_output=True)
+        done = subprocess.run([mmdc, "-i", str(source), "-o", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise GlassformerError(f"mmdc could not render {path} (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     return path

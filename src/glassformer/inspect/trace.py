@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glassformer.errors import InputError
 from glassformer.hooks import ActivationCache
 from glassformer.model import Transformer
 
@@ -205,7 +206,11 @@ def trace(
     model, a target position through the decoder, after the encoder has run)."""
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, tgt) if tgt is not None else model.run_with_cache(tokens)
-    n_pos = logits.shape[1]
+    n_batch, n_pos = logits.shape[:2]
+    if not -n_pos <= position < n_pos:
+        raise InputError(f"position={position} is outside the {n_pos} tokens (expected -{n_pos} … {n_pos - 1})")
+    if not -n_batch <= batch_index < n_batch:
+        raise InputError(f"batch_index={batch_index} is outside the batch of {n_batch} sequences")
     pos = position % n_pos
     walker = _Walker(model, cache, batch_index, pos)
     cfg = model.cfg

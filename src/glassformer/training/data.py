@@ -20,7 +20,7 @@ from torch import Tensor
 
 from glassformer.checkpoints.files import atomic_write
 from glassformer.errors import InputError
-from glassformer.train.tokenizers import encode
+from glassformer.training.tokenizers import encode
 
 Batch = dict[str, Tensor]
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort")

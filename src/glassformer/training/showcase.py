@@ -11,14 +11,15 @@ from tokenizers import Tokenizer
 from glassformer.inspect.attention import plot_attention
 from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
-from glassformer.train.data import SyntheticData
+from glassformer.tokenizer import encode_prompt
+from glassformer.training.data import SyntheticData
 
 
 def sample_text(model: Transformer, tokenizer: Tokenizer, prompt: str, n_tokens: int, seed: int = 0) -> str:
     """Continue `prompt` by `n_tokens` with the KV-cache decoder (temperature 0.8, top-k 40); past
     the context window, the last half-window is re-read and decoding goes on from there."""
     generator = torch.Generator().manual_seed(seed)
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = encode_prompt(tokenizer, prompt)
     ids = list(prompt_ids)
     while len(ids) - len(prompt_ids) < n_tokens:
         context = ids[-(model.cfg.n_ctx // 2) :]

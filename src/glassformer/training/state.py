@@ -62,13 +62,25 @@ def save_state(
 
 def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata with step, param_groups and meta; tensors) of a saved run, or an error naming the file."""
-    path = directory / STATE_FILE
-    try:
-        tensors = load_file(path)
+    return read_info(directory), _reading(directory / STATE_FILE, load_file)
+
+
+def read_info(directory: Path) -> dict[str, Any]:
+    """The metadata of a saved run (step, param_groups, and the settings under "meta"), without its tensors."""
+
+    def info(path: Path) -> dict[str, Any]:
         with safe_open(path, framework="pt") as f:
-            return json.loads(f.metadata()["glassformer"]), tensors
+            return json.loads(f.metadata()["glassformer"])
+
+    return _reading(directory / STATE_FILE, info)
+
+
+def _reading(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)`, with a CheckpointError naming the file when it is missing or unreadable."""
+    try:
+        return read(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: nothing to resume in {directory}") from None
+        raise CheckpointError(f"{path} is missing: nothing to resume in {path.parent}") from None
     except Exception as err:  # safetensors and json raise several types; all mean "unreadable"
         raise CheckpointError(f"{path} cannot be read ({err})") from None
 

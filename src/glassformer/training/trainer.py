@@ -30,10 +30,10 @@ from glassformer.checkpoints.native import write
 from glassformer.config import Config
 from glassformer.errors import CheckpointError, InputError
 from glassformer.model import Transformer
-from glassformer.train.data import SEQ2SEQ_TASKS, SYNTHETIC_TASKS, Batch, SyntheticData, TextData, read_corpus
-from glassformer.train.report import plot_losses, write_metrics
-from glassformer.train.state import STATE_FILE, load_state, restore, save_state, snapshot
-from glassformer.train.tokenizers import bpe_tokenizer, char_tokenizer
+from glassformer.training.data import SEQ2SEQ_TASKS, SYNTHETIC_TASKS, Batch, SyntheticData, TextData, read_corpus
+from glassformer.training.report import plot_losses, write_metrics
+from glassformer.training.state import STATE_FILE, load_state, restore, save_state, snapshot
+from glassformer.training.tokenizers import bpe_tokenizer, char_tokenizer
 
 
 @dataclass
@@ -147,6 +147,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)  # nccl maps each process to the GPU current when it first communicates
     return rank, world, device
 
 
@@ -207,8 +209,11 @@ def _train(cfg: TrainConfig) -> RunResult:
         rng = restore(tensors, info, model, optimizer, partial(parallel.share_of, model))
         data_rng.set_state(rng["data"])
         if f"torch{rank}" not in rng:
-            raise CheckpointError(f"{run_dir} was saved by {len(rng) - 1} processes; resume it with as many")
+            saved_by = sum(name.startswith("torch") for name in rng)
+            raise CheckpointError(f"{run_dir} was saved by {saved_by} processes; resume it with as many")
         torch.set_rng_state(rng[f"torch{rank}"])
+        if device.type == "cuda" and f"cuda{rank}" in rng:  # dropout on the GPU draws from its own generator
+            torch.cuda.set_rng_state(rng[f"cuda{rank}"], device)
         start = info["step"]
         metrics = [m for m in read_metrics(run_dir) if m["step"] <= start]
 
@@ -221,11 +226,11 @@ def _train(cfg: TrainConfig) -> RunResult:
         cfg.batch_size * cfg.grad_accum * dp_world * (data.n_ctx if hasattr(data, "n_ctx") else cfg.task_length)
     )
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main), unit="step")
-    last_rng = rng_states(data_rng)
+    last_rng = rng_states(data_rng, device)
     step, interrupted, started = start, False, time.perf_counter()
 
     def checkpoint() -> None:
-        rng = gather_rng(last_rng, world)  # collectives: every process takes part
+        rng = gather_rng(last_rng, world, device)  # collectives: every process takes part
         tensors = snapshot(model, optimizer, partial(parallel.full_state, model))
         if is_main:
             save_state(run_dir, tensors, optimizer.state_dict()["param_groups"], rng, step, meta)
@@ -249,7 +254,7 @@ def _train(cfg: TrainConfig) -> RunResult:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last_rng = rng_states(data_rng)
+            last_rng = rng_states(data_rng, device)
             bar.update(1)
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 elapsed = time.perf_counter() - started
@@ -277,18 +282,26 @@ def _train(cfg: TrainConfig) -> RunResult:
     return RunResult(model, step, metrics, interrupted)
 
 
-def rng_states(data_rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """The data generator (shared by all processes) and this process's global generator (dropout)."""
-    return {"data": data_rng.get_state(), "torch": torch.get_rng_state()}
+def rng_states(data_rng: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The data generator (shared by all processes) and this process's global generators (dropout):
+    the CPU's, and the GPU's when the model runs on one."""
+    states = {"data": data_rng.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
-def gather_rng(local: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
-    """Every process's dropout generator, as torch0, torch1, …, for the one state file."""
-    states = [local["torch"]]
-    if world > 1:
-        states = [torch.empty_like(local["torch"]) for _ in range(world)]
-        dist.all_gather(states, local["torch"])
-    return {"data": local["data"], **{f"torch{r}": state for r, state in enumerate(states)}}
+def gather_rng(local: dict[str, torch.Tensor], world: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's dropout generators, as torch0, torch1, … (and cuda0, …), for the one state file."""
+    out = {"data": local["data"]}
+    for name in sorted(set(local) - {"data"}):
+        states = [local[name]]
+        if world > 1:  # through the device the backend speaks (nccl: the GPU), back to the CPU
+            mine = local[name].to(device)
+            states = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(states, mine)
+        out |= {f"{name}{r}": state.cpu() for r, state in enumerate(states)}
+    return out
 
 
 @torch.no_grad()
