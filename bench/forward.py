@@ -9,6 +9,7 @@ drift of the machine affects all of them alike; the median of the repeats is rep
     .venv/bin/python bench/forward.py                    # TransformerLens 3.9 HookedTransformer as peer
     .venv-tl4/bin/python bench/forward.py --peer tl4     # TransformerLens 4.x TransformerBridge as peer
     .venv/bin/python bench/forward.py --quick            # 1x128 only, 3 repeats: a smoke test
+    .venv/bin/python bench/forward.py --keep-freed-memory  # glibc keeps freed memory (see glassformer/memory.py)
 
 FLOP convention: 2 FLOPs per multiply-add of every weight matmul (QKV, W_O, W_in, W_out and the
 unembedding) per token, plus attention counted causally: QK^T and pattern@V over the lower triangle,
@@ -524,6 +525,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--patience", type=float, default=300.0, help="seconds to wait for other processes before a round (300)"
     )
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="call gf.keep_freed_memory() first (process-wide: every case, peers included, runs with it)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.repeats = "1x128", 3
@@ -597,6 +603,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {cpu_model()} ({os.cpu_count()} cpus; {cpu_flags()}), torch threads {torch.get_num_threads()}")
     info = versions()  # read once, at the start: the source may change while the run goes on
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    if args.keep_freed_memory:
+        print(f"allocator: freed memory kept for reuse (gf.keep_freed_memory() -> {gf.keep_freed_memory()})")
 
     quiet: list[tuple[str, float]] = []
     dropped: dict[str, int] = {}
@@ -625,6 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         record = {
             "argv": sys.argv,
+            "keep_freed_memory": args.keep_freed_memory,
             "cpu": cpu_model(),
             "threads": THREADS,
             "versions": info,

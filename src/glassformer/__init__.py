@@ -5,6 +5,7 @@ from glassformer.config import Config
 from glassformer.errors import CheckpointError, GlassformerError, HookError, InputError
 from glassformer.hooks import ActivationCache, HookPoint
 from glassformer.inspect.trace import Trace, trace
+from glassformer.memory import keep_freed_memory
 from glassformer.model import Transformer
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "HookError",
     "HookPoint",
     "InputError",
+    "keep_freed_memory",
     "parallel",
     "Trace",
     "Transformer",

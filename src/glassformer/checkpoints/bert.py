@@ -59,6 +59,7 @@ POOLER = [("pooler.weight", "pooler.dense.weight", same), ("pooler.b_pool", "poo
 def config(hf: dict[str, Any], get: HFState) -> Config:
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    head = get.find(MLM_HEAD[0][1]) is not None
     return Config(
         arch="encoder",
         **standard_sizes(hf),
@@ -69,10 +70,10 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
         act=activation(hf["hidden_act"]),
         embed_norm=True,
         n_token_types=hf["type_vocab_size"],
-        head_transform=get.find(MLM_HEAD[0][1]) is not None,
+        head_transform=head,
         pooler=get.find(POOLER[0][1]) is not None,
         bias=True,
-        tie_embeddings=True,
+        tie_embeddings=not head or bool(hf.get("tie_word_embeddings", True)),  # an untied MLM decoder has its own
         extra={"hf_model_type": "bert"},
     )
 
@@ -83,6 +84,11 @@ def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
         state |= map_rows(get, LAYER, cfg, ours=f"blocks.{i}.", theirs=f"encoder.layer.{i}.")
     if cfg.head_transform:
         state |= map_rows(get, MLM_HEAD, cfg)
+        decoder_bias = get.find("cls.predictions.decoder.bias")  # what the decoder adds; the same tensor when tied
+        if decoder_bias is not None:
+            state["unembed.b_U"] = decoder_bias
+        if not cfg.tie_embeddings:
+            state["unembed.weight"] = get("cls.predictions.decoder.weight")
     else:  # a bare encoder: the head is the tied embedding, for completeness only
         state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
     if cfg.pooler:
