@@ -82,9 +82,9 @@ class Config:
             _positive(name, getattr(self, name))
         for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
             _number(name, getattr(self, name))
-        for name in ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias"):
+        flags = ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias", "tie_embeddings")
+        for name in flags:
             _flag(name, getattr(self, name))
-        _flag("tie_embeddings", self.tie_embeddings)
 
         if self.d_head is None:
             if self.d_model % self.n_heads:
