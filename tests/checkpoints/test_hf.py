@@ -396,3 +396,23 @@ def test_config_without_a_needed_field_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(gf.CheckpointError, match="config lacks the field 'n_embd'"):
         gf.Transformer.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("family", [*DECODERS, "bert-mlm", "bert-mlm-untied", "bert", "bart", "marian"])
+def test_every_tensor_of_a_supported_model_is_used(family):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unused tensor would be a warning
+        gf.Transformer.from_hf(build(family))
+
+
+def test_tensors_the_conversion_does_not_use_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    build("gpt2").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["transformer.h.0.adapter.weight"] = torch.zeros(4, 4)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="1 tensors the gpt2 conversion does not use: transformer.h.0.adapter.weight"):
+        gf.Transformer.from_hf(tmp_path)

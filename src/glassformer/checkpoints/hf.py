@@ -6,6 +6,7 @@ table that serves both directions; nothing here or in the cells knows a model's 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,17 +45,33 @@ stacked = Transform(lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: t.split
 Row = tuple[str, str | tuple[str, ...], Transform]
 
 
+# Names of buffers (not weights) that transformers models save: nothing to convert.
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids", ".inv_freq")
+
+
 class HFState:
     """The checkpoint's tensors by name, whatever prefix the model class put before them."""
 
     def __init__(self, tensors: dict[str, Tensor], prefixes: Sequence[str], source: str) -> None:
         self.tensors, self.prefixes, self.source = tensors, ("", *prefixes), source
+        self.read: set[str] = set()  # the names the conversion found
 
     def find(self, name: str) -> Tensor | None:
         for prefix in self.prefixes:
             if prefix + name in self.tensors:
+                self.read.add(prefix + name)
                 return self.tensors[prefix + name]
         return None
+
+    def unused(self) -> list[str]:
+        """Tensors the conversion never read: not the buffers transformers saves beside the weights
+        (causal masks, position ids, rotary tables), nor a tied copy of a tensor it did read."""
+        read_storage = {self.tensors[n].data_ptr() for n in self.read}
+        return sorted(
+            n
+            for n, t in self.tensors.items()
+            if n not in self.read and not n.endswith(HF_BUFFERS) and t.data_ptr() not in read_storage
+        )
 
     def __call__(self, name: str) -> Tensor:
         tensor = self.find(name)
@@ -168,6 +185,10 @@ def from_hf(source: Any, allow_pickle: bool = False) -> Transformer:
     except KeyError as err:
         raise CheckpointError(f"{name}: its {model_type} config lacks the field {err.args[0]!r}") from None
     state = family.weights(get, cfg)
+    unused = get.unused()
+    if unused:  # e.g. a pre-training head glassformer has no place for: say so rather than drop it silently
+        listed = ", ".join(unused[:8]) + (f" and {len(unused) - 8} more" if len(unused) > 8 else "")
+        warnings.warn(f"{name}: {len(unused)} tensors the {model_type} conversion does not use: {listed}", stacklevel=2)
     # Never share storage with a live transformers model: editing one must not change the other.
     # (Memory-mapped files are copy-on-write, so their tensors are used as they are.) Every weight
     # ends up contiguous: a transposed (in, out) view would make each product reorder it.
