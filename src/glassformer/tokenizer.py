@@ -23,9 +23,14 @@ def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     try:
         ids = tokenizer.encode(text).ids
     except Exception as err:  # the tokenizers library raises a bare Exception
-        unknown = sorted(set(text) - set(tokenizer.get_vocab()))
+        unknown = unknown_characters(tokenizer, text)
         detail = f"characters not in its vocabulary: {unknown[:10]}" if unknown else str(err)
         raise InputError(f"the tokenizer cannot encode the prompt {text[:40]!r}: {detail}") from None
     if not ids:
         raise InputError(f"the prompt {text!r} encodes to no tokens; give some text")
     return ids
+
+
+def unknown_characters(tokenizer: Tokenizer, text: str) -> list[str]:
+    """The characters of `text` that are not tokens of `tokenizer`'s vocabulary, sorted."""
+    return sorted(set(text) - set(tokenizer.get_vocab()))

@@ -12,6 +12,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from glassformer.errors import InputError
+from glassformer.tokenizer import unknown_characters
 
 
 def char_tokenizer(text: str) -> Tokenizer:
@@ -39,7 +40,7 @@ def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """Token ids of `text` as a compact array; characters a char tokenizer lacks are an error."""
     vocab = tokenizer.get_vocab()
     if isinstance(tokenizer.decoder, decoders.Fuse):
-        unknown = sorted(set(text) - set(vocab))
+        unknown = unknown_characters(tokenizer, text)
         if unknown:
             raise InputError(f"text holds characters the tokenizer has never seen: {unknown[:10]}")
     ids = tokenizer.encode(text).ids
