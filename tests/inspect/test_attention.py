@@ -47,3 +47,23 @@ def test_training_leaves_the_deterministic_setting_as_it_found_it(tmp_path):
         )
     )
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_text_gives_the_same_patterns_and_token_string_axes(text_model, tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    text = "the cat sat on the mat"
+    tokens = text_model.to_tokens(text)
+    assert torch.equal(patterns(text_model, text), patterns(text_model, tokens))
+    ticks = []
+    original = matplotlib.axes.Axes.set_xticks
+
+    def record(self, positions, labels=None, **kw):
+        ticks.append(labels)
+        return original(self, positions, labels, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", record)
+    path = plot_attention(text_model, text, None, tmp_path / "attention.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+    expected = [repr(t)[1:-1] for t in text_model.to_str_tokens(tokens)]
+    assert ticks and all(labels == expected for labels in ticks)  # every head's axes, by token string

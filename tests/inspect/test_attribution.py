@@ -78,7 +78,7 @@ def test_a_head_share_is_what_removing_that_head_costs_when_nothing_else_reads_i
 
     for head in range(4):
         assert (attribution.logit - without(head)).mean().item() == pytest.approx(shares[head].item(), abs=1e-5)
-    assert str(attribution).startswith("logit ") and "L0H0" in str(attribution)
+    assert str(attribution).startswith("logit[3] ") and "L0H0" in str(attribution)
 
 
 def test_models_that_are_not_a_sum_are_refused():
@@ -86,3 +86,16 @@ def test_models_that_are_not_a_sum_are_refused():
         direct_logit_attribution(model(norm_position="post"), TOKENS, target=0)
     with pytest.raises(ValueError, match="head_transform"):
         direct_logit_attribution(model(arch="encoder", head_transform=True), TOKENS, target=0)
+
+
+def test_text_and_token_strings_give_the_same_shares(text_model):
+    text = "the cat sat on the"
+    tokens = text_model.to_tokens(text)
+    cat, dog = text_model.to_single_token(" cat"), text_model.to_single_token(" dog")
+    by_text = direct_logit_attribution(text_model, text, " cat", " dog")
+    by_ids = direct_logit_attribution(text_model, tokens, cat, dog)
+    assert by_text.labels == by_ids.labels
+    torch.testing.assert_close(by_text.values, by_ids.values, atol=0, rtol=0)
+    assert str(by_text).startswith("logit[' cat'] - logit[' dog'] ")
+    with pytest.raises(gf.InputError, match="not a single token"):
+        direct_logit_attribution(text_model, text, " cat sat")

@@ -113,3 +113,11 @@ def test_a_trained_attention_only_model_grows_induction_heads(tmp_path):
     print(f"loss: first half {first:.3f}, repeated half {second:.3f}")
     assert first > 0.8 * math.log(vocab - 1)  # random tokens cannot be predicted
     assert second < 0.25 * first  # the repeat can
+
+
+def test_text_scores_the_same_as_its_tokens(text_model):
+    text = "the cat sat on the mat the cat sat on the mat"
+    by_text = detect_heads(text_model, text)
+    by_tokens = detect_heads(text_model, text_model.to_tokens(text))
+    for detector in by_text.scores:
+        assert torch.equal(by_text[detector], by_tokens[detector]), detector

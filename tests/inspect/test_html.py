@@ -148,3 +148,13 @@ def test_hovering_a_token_shows_where_each_head_looks(browser, tmp_path):
         _, cache = model().run_with_cache(TOKENS)
     expected = cache["pattern", 1][0, 2, 3].tolist()  # layer 1, head 2, query 3
     assert key_weights(browser, 2) == pytest.approx(expected, abs=1e-4)
+
+
+def test_text_gives_the_same_page_labelled_with_the_token_strings(text_model):
+    text = "the cat sat on the log"
+    tokens = text_model.to_tokens(text)
+    labels = text_model.to_str_tokens(tokens)
+    by_text = page(text_model, text)
+    assert by_text == page(text_model, tokens, labels=labels) == page(text_model, tokens)
+    view = embedded_data(by_text)["views"][0]
+    assert view["q"] == view["k"] == labels

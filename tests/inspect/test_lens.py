@@ -54,3 +54,18 @@ def test_encoder_decoder_lens_reads_the_decoder_and_needs_its_tokens():
     torch.testing.assert_close(lens.logits[-1], m(TOKENS, tgt).detach(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="decoder tokens"):
         logit_lens(m, TOKENS)
+
+
+def test_text_gives_the_same_lens_and_the_tokenizers_strings(text_model):
+    text = "the cat sat on the"
+    tokens = text_model.to_tokens(text)
+    lens = logit_lens(text_model, text)
+    torch.testing.assert_close(lens.logits, logit_lens(text_model, tokens).logits, atol=0, rtol=0)
+    assert lens.labels == text_model.to_str_tokens(tokens)
+    top = lens.top()
+    strings = lens.top_strings()
+    assert [s for _, s, _ in strings] == text_model.tokenizer.token_strings([t for _, t, _ in top])
+    text_out = lens.render()
+    assert text_out.startswith("logit lens, position -1 (' the')") and repr(strings[-1][1]) in text_out
+    bare = logit_lens(model(), TOKENS)
+    assert bare.labels is None and bare.top_strings()[0][1] == str(bare.top()[0][1])

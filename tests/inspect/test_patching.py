@@ -86,3 +86,24 @@ def test_patching_refuses_runs_of_different_lengths():
         patched_logits(m, CORRUPTED[:, :4], cache, "blocks.0.hook_resid_pre")
     with pytest.raises(ValueError, match="no hook point"):
         patch_residual(m, CLEAN, CORRUPTED, logit_diff(0, 1), hook="hook_nothing")
+
+
+def test_text_inputs_patch_the_same_as_their_tokens(text_model):
+    clean, corrupted = "the cat sat on the mat", "the dog sat on the mat"
+    clean_tokens, corrupted_tokens = text_model.to_tokens(clean), text_model.to_tokens(corrupted)
+    assert clean_tokens.shape == corrupted_tokens.shape
+    by_text_metric = logit_diff(" cat", " dog", model=text_model)
+    ids = text_model.to_single_token(" cat"), text_model.to_single_token(" dog")
+    by_ids_metric = logit_diff(*ids)
+    by_text = patch_residual(text_model, clean, corrupted, by_text_metric)
+    torch.testing.assert_close(by_text, patch_residual(text_model, clean_tokens, corrupted_tokens, by_ids_metric))
+    heads = patch_heads(text_model, clean, corrupted, by_text_metric)
+    torch.testing.assert_close(heads, patch_heads(text_model, clean_tokens, corrupted_tokens, by_ids_metric))
+
+
+def test_texts_of_different_token_lengths_are_refused_clearly(text_model):
+    metric = logit_diff(0, 1)
+    with pytest.raises(gf.InputError, match="the clean input has 4 tokens and the corrupted one 2"):
+        patch_residual(text_model, "the cat sat on", "the dog", metric)
+    with pytest.raises(TypeError, match="need the model"):
+        logit_diff(" cat", " dog")

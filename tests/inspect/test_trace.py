@@ -70,3 +70,15 @@ def test_a_position_or_sequence_outside_the_input_is_a_clear_error(position, bat
     model, tokens, _ = two_heads()
     with pytest.raises(gf.InputError, match="outside the"):
         gf.trace(model, tokens, position=position, batch_index=batch_index)
+
+
+def test_text_traces_the_same_numbers_labelled_with_the_token_strings(text_model):
+    text = "the cat sat on the log"
+    tokens = text_model.to_tokens(text)
+    by_text, by_tokens = gf.trace(text_model, text, position=2), gf.trace(text_model, tokens, position=2)
+    assert [s.hook for s in by_text.steps] == [s.hook for s in by_tokens.steps]
+    for a, b in zip(by_text.steps, by_tokens.steps, strict=True):
+        assert torch.equal(a.values, b.values), a.hook
+    label = text_model.to_str_tokens(tokens)[2]
+    assert by_text.title == by_tokens.title and f'token 2 ("{label}")' in by_text.title
+    assert '("r") of' in gf.trace(text_model, tokens, position=2, labels=list("abr" + "x" * 9)).title

@@ -8,12 +8,16 @@ import torch
 from torch import Tensor
 
 from glassformer.checkpoints.files import atomic_write
+from glassformer.inspect.inputs import TokensOrText, as_tokens, token_labels
 from glassformer.model import Transformer
 
 
-def patterns(model: Transformer, tokens: Tensor, tgt: Tensor | None = None) -> Tensor:
+def patterns(model: Transformer, tokens: TokensOrText, tgt: TokensOrText | None = None) -> Tensor:
     """(n_layers, n_heads, q_pos, k_pos) self-attention patterns of the first sequence of `tokens`
-    (for an encoder-decoder model, of the decoder reading `tgt`)."""
+    (for an encoder-decoder model, of the decoder reading `tgt`); either may be text."""
+    tokens = as_tokens(model, tokens)
+    if tgt is not None:
+        tgt = as_tokens(model, tgt, "tgt")
     stack = "decoder." if model.cfg.arch == "encoder-decoder" else ""
 
     def names(name: str) -> bool:
@@ -26,10 +30,17 @@ def patterns(model: Transformer, tokens: Tensor, tgt: Tensor | None = None) -> T
 
 
 def plot_attention(
-    model: Transformer, tokens: Tensor, labels: list[str] | None, path: str | Path, tgt: Tensor | None = None
+    model: Transformer,
+    tokens: TokensOrText,
+    labels: list[str] | None,
+    path: str | Path,
+    tgt: TokensOrText | None = None,
 ) -> Path:
-    """A PNG grid, one heatmap per layer (rows) and head (columns), labelled with the tokens (the
-    target's, for an encoder-decoder model's decoder)."""
+    """A PNG grid, one heatmap per layer (rows) and head (columns), its axes labelled with `labels`
+    (the target's, for an encoder-decoder model's decoder); None: the tokenizer's token strings."""
+    tokens = as_tokens(model, tokens)
+    tgt = as_tokens(model, tgt, "tgt") if tgt is not None else None
+    labels = labels if labels is not None else token_labels(model, tokens if tgt is None else tgt)
     import matplotlib
 
     matplotlib.use("Agg")

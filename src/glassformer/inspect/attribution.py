@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from glassformer.cells.norm import Norm
+from glassformer.inspect.inputs import TokensOrText, as_tokens, id_strings, token_id
 from glassformer.model import Transformer
 
 
@@ -32,6 +33,7 @@ class Attribution:
     labels: list[str]  # "embed", "pos_embed", "L0H1" (layer 0 head 1), "L0 b_O", "L1 mlp", "bias", …
     values: Tensor  # (n_components, batch)
     logit: Tensor  # (batch,) what the model computed: the sum of `values`, up to rounding
+    what: str = "logit"  # which logit: "logit[' Paris']", "logit[' Paris'] - logit[' London']"
 
     def heads(self, n_layers: int, n_heads: int, kind: str = "H") -> Tensor:
         """(n_layers, n_heads) mean contributions of the heads (`kind="X"`: the cross-attention heads)."""
@@ -46,7 +48,7 @@ class Attribution:
     def __str__(self) -> str:
         mean = self.values.mean(dim=1)  # (n_components,)
         order = mean.abs().argsort(descending=True).tolist()
-        lines = [f"logit {self.logit.mean().item():+.4f} = sum of (mean over the batch, largest first):"]
+        lines = [f"{self.what} {self.logit.mean().item():+.4f} = sum of (mean over the batch, largest first):"]
         lines += [f"  {self.labels[i]:<12} {mean[i].item():+.4f}" for i in order]
         return "\n".join(lines)
 
@@ -93,18 +95,23 @@ def _components(model: Transformer, cache: dict, stack: str, position: int) -> t
 
 def direct_logit_attribution(
     model: Transformer,
-    tokens: Tensor,
-    target: int,
-    wrong: int | None = None,
+    tokens: TokensOrText,
+    target: int | str,
+    wrong: int | str | None = None,
     position: int = -1,
-    tgt: Tensor | None = None,
+    tgt: TokensOrText | None = None,
 ) -> Attribution:
     """Each component's direct share of `logits[:, position, target]` (minus `wrong`'s, if given).
 
     For an encoder-decoder model pass the decoder tokens as `tgt`; the decoder's stream is decomposed
     (the encoder reaches it only through cross-attention, whose heads are components `L{i}X{h}`).
+    Tokens may be text, and `target`/`wrong` the text of one token each (`model.to_single_token`).
     """
     _check_decomposable(model)
+    tokens = as_tokens(model, tokens)
+    tgt = as_tokens(model, tgt, "tgt") if tgt is not None else None
+    target = token_id(model, target, "target")
+    wrong = token_id(model, wrong, "wrong") if wrong is not None else None
     stack = "decoder." if model.cfg.arch == "encoder-decoder" else ""
     inputs = (tokens,) if tgt is None else (tokens, tgt)
     with torch.no_grad():
@@ -124,7 +131,13 @@ def direct_logit_attribution(
                 bias = bias + norm.b @ direction
         values = torch.cat([stream @ direction, bias.expand(1, stream.shape[1])])  # (n_components + 1, batch)
         logit = logits[:, position, target] - (logits[:, position, wrong] if wrong is not None else 0)  # (batch,)
-    return Attribution([*labels, "bias"], values, logit)
+    return Attribution([*labels, "bias"], values, logit, _what(model, target, wrong))
+
+
+def _what(model: Transformer, target: int, wrong: int | None) -> str:
+    """The attributed quantity in words, with the tokens as strings: "logit[' Paris'] - logit[' London']"."""
+    names = id_strings(model.tokenizer, [target] if wrong is None else [target, wrong])
+    return " - ".join(f"logit[{name!r}]" if model.tokenizer is not None else f"logit[{name}]" for name in names)
 
 
 def _needed(name: str) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glassformer.inspect.inputs import TokensOrText, as_tokens
 from glassformer.model import Transformer
 
 DETECTORS = ("previous", "duplicate", "induction", "first")
@@ -102,15 +103,17 @@ class HeadScores:
 
 
 def detect_heads(
-    model: Transformer, tokens: Tensor | None = None, length: int | None = None, batch: int = 8, seed: int = 0
+    model: Transformer, tokens: TokensOrText | None = None, length: int | None = None, batch: int = 8, seed: int = 0
 ) -> HeadScores:
-    """Score every self-attention head of `model` on `tokens` (default: `repeated_tokens` of half
-    `length`, at most 32 and at most half the context). Encoder-decoder models run the tokens
-    through both stacks (`model(tokens, tokens)`); cross-attention is not scored."""
+    """Score every self-attention head of `model` on `tokens` (token ids or a text; default:
+    `repeated_tokens` of half `length`, at most 32 and at most half the context). Encoder-decoder
+    models run the tokens through both stacks (`model(tokens, tokens)`); cross-attention is not scored."""
     cfg = model.cfg
     if tokens is None:
         length = length or min(32, cfg.n_ctx // 2)
         tokens = repeated_tokens(cfg.d_vocab, length, batch, seed)
+    tokens = as_tokens(model, tokens)
+    tokens = tokens if tokens.dim() == 2 else tokens[None]  # (batch, pos)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
 

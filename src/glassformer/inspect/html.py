@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from glassformer.checkpoints.files import atomic_write
+from glassformer.inspect.inputs import TokensOrText, text_input
 from glassformer.inspect.trace import Trace, _fmt, trace
 from glassformer.model import Transformer
 
@@ -154,19 +155,18 @@ def attention_views(
 
 def page(
     model: Transformer,
-    tokens: Tensor,
+    tokens: TokensOrText,
     labels: list[str] | None = None,
     position: int = -1,
-    tgt: Tensor | None = None,
+    tgt: TokensOrText | None = None,
     tgt_labels: list[str] | None = None,
     title: str = "glassformer: inside one forward pass",
 ) -> str:
-    """The whole page: the trace of token `position` and the interactive attention view."""
-    tokens = tokens if tokens.dim() == 2 else tokens[None]
-    labels = labels or [str(t) for t in tokens[0].tolist()]
+    """The whole page: the trace of token `position` and the interactive attention view. Tokens
+    may be text; labels default to the tokenizer's token strings, or the ids without one."""
+    tokens, labels = _labelled(model, tokens, labels, "tokens")
     if tgt is not None:
-        tgt = tgt if tgt.dim() == 2 else tgt[None]
-        tgt_labels = tgt_labels or [str(t) for t in tgt[0].tolist()]
+        tgt, tgt_labels = _labelled(model, tgt, tgt_labels, "tgt")
     walk = trace(model, tokens, tgt, position=position, labels=tgt_labels if tgt is not None else labels)
     data = {"views": attention_views(model, tokens, labels, tgt, tgt_labels)}
     cfg = model.cfg
@@ -187,7 +187,16 @@ def page(
 """
 
 
-def write_page(path: str | Path, model: Transformer, tokens: Tensor, **options: object) -> Path:
+def _labelled(
+    model: Transformer, tokens: TokensOrText, labels: list[str] | None, name: str
+) -> tuple[Tensor, list[str]]:
+    """(batch, pos) tokens and the first sequence's labels: given, the tokenizer's, or the ids."""
+    tokens, token_strings = text_input(model, tokens, name)
+    tokens = tokens if tokens.dim() == 2 else tokens[None]
+    return tokens, labels or token_strings or [str(t) for t in tokens[0].tolist()]
+
+
+def write_page(path: str | Path, model: Transformer, tokens: TokensOrText, **options: object) -> Path:
     """Write `page(model, tokens, **options)` to `path` (atomically) and return the path."""
     text = page(model, tokens, **options)  # type: ignore[arg-type]
     path = Path(path)

@@ -17,14 +17,21 @@ from torch import Tensor
 
 from glassformer.errors import InputError
 from glassformer.hooks import ActivationCache, HookPoint
+from glassformer.inspect.inputs import TokensOrText, as_tokens, token_id
 from glassformer.model import Transformer
 
 Metric = Callable[[Tensor], Tensor | float]
 Index = tuple[slice | int, ...]  # which part of an activation to patch, after the batch axis
+Inputs = TokensOrText | Sequence[TokensOrText]  # tokens or text; (src, tgt) for an encoder-decoder model
 
 
-def logit_diff(correct: int, wrong: int, position: int = -1) -> Metric:
-    """A metric: mean over the batch of `logits[:, position, correct] - logits[:, position, wrong]`."""
+def logit_diff(correct: int | str, wrong: int | str, position: int = -1, model: Transformer | None = None) -> Metric:
+    """A metric: mean over the batch of `logits[:, position, correct] - logits[:, position, wrong]`.
+    The tokens may be given as text (one token each) when `model` is given to read them."""
+    if model is not None:
+        correct, wrong = token_id(model, correct, "correct"), token_id(model, wrong, "wrong")
+    elif isinstance(correct, str) or isinstance(wrong, str):
+        raise TypeError(f"logit_diff({correct!r}, {wrong!r}): tokens given as text need the model, model=...")
 
     def metric(logits: Tensor) -> Tensor:  # logits (batch, pos, d_vocab)
         return (logits[:, position, correct] - logits[:, position, wrong]).mean()
@@ -32,20 +39,33 @@ def logit_diff(correct: int, wrong: int, position: int = -1) -> Metric:
     return metric
 
 
-def _inputs(tokens: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """One token tensor, or (src, tgt) for an encoder-decoder model."""
-    return (tokens,) if isinstance(tokens, Tensor) else tuple(tokens)
+def _inputs(model: Transformer, tokens: Inputs) -> tuple[Tensor, ...]:
+    """One token tensor, or (src, tgt) for an encoder-decoder model; text goes through the tokenizer."""
+    parts = (tokens,) if isinstance(tokens, Tensor | str) else tuple(tokens)
+    return tuple(as_tokens(model, part) for part in parts)
 
 
-def clean_cache(model: Transformer, clean: Tensor | Sequence[Tensor], names: Sequence[str]) -> ActivationCache:
+def _same_length(model: Transformer, clean: Inputs, corrupted: Inputs) -> tuple[tuple[Tensor, ...], ...]:
+    """Both runs' token tensors, checked to have as many positions each (patching is position by position)."""
+    clean_tokens, corrupted_tokens = _inputs(model, clean), _inputs(model, corrupted)
+    for a, b in zip(clean_tokens, corrupted_tokens, strict=False):
+        if a.shape[-1] != b.shape[-1]:
+            raise InputError(
+                f"the clean input has {a.shape[-1]} tokens and the corrupted one {b.shape[-1]}: patching needs "
+                "the same number of tokens (choose texts that tokenize to equal lengths)"
+            )
+    return clean_tokens, corrupted_tokens
+
+
+def clean_cache(model: Transformer, clean: Inputs, names: Sequence[str]) -> ActivationCache:
     """The clean run's activations at `names` (only those: the rest of the run stays on the fast path)."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(*_inputs(clean), names_filter=list(names))
+        _, cache = model.run_with_cache(*_inputs(model, clean), names_filter=list(names))
     return cache
 
 
 def patched_logits(
-    model: Transformer, corrupted: Tensor | Sequence[Tensor], cache: ActivationCache, name: str, index: Index = ()
+    model: Transformer, corrupted: Inputs, cache: ActivationCache, name: str, index: Index = ()
 ) -> Tensor:
     """Logits of the corrupted run with `cache[name][:, *index]` written into activation `name`."""
     clean = cache[name]
@@ -58,7 +78,7 @@ def patched_logits(
         return x
 
     with torch.no_grad():
-        return model.run_with_hooks(*_inputs(corrupted), fwd_hooks=[(name, patch)])
+        return model.run_with_hooks(*_inputs(model, corrupted), fwd_hooks=[(name, patch)])
 
 
 def _value(metric: Metric, logits: Tensor) -> float:
@@ -68,8 +88,8 @@ def _value(metric: Metric, logits: Tensor) -> float:
 
 def patch_residual(
     model: Transformer,
-    clean: Tensor | Sequence[Tensor],
-    corrupted: Tensor | Sequence[Tensor],
+    clean: Inputs,
+    corrupted: Inputs,
     metric: Metric,
     hook: str = "hook_resid_pre",
     stack: str = "",
@@ -77,7 +97,9 @@ def patch_residual(
     """(n_layers, pos) metric after patching the clean `blocks.{layer}.{hook}` at one position each.
 
     `stack` is "" for a single-stack model, or "encoder." / "decoder." for an encoder-decoder one.
+    Inputs may be text of the same token length.
     """
+    clean, corrupted = _same_length(model, clean, corrupted)
     names = _layer_names(model, stack, hook)
     cache = clean_cache(model, clean, names)
     n_pos = cache[names[0]].shape[1]
@@ -90,15 +112,17 @@ def patch_residual(
 
 def patch_heads(
     model: Transformer,
-    clean: Tensor | Sequence[Tensor],
-    corrupted: Tensor | Sequence[Tensor],
+    clean: Inputs,
+    corrupted: Inputs,
     metric: Metric,
     hook: str = "attn.hook_z",
     stack: str = "",
     per_position: bool = False,
 ) -> Tensor:
     """(n_layers, n_heads) metric after patching one head's clean `hook` (z, q, result, …) at every
-    position; `per_position=True` gives (n_layers, pos, n_heads), one position and head at a time."""
+    position; `per_position=True` gives (n_layers, pos, n_heads), one position and head at a time.
+    Inputs may be text of the same token length."""
+    clean, corrupted = _same_length(model, clean, corrupted)
     names = _layer_names(model, stack, hook)
     cache = clean_cache(model, clean, names)
     _, n_pos, n_heads, *_ = cache[names[0]].shape  # (batch, pos, n_heads, d_head)

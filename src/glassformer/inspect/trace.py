@@ -17,6 +17,7 @@ from torch import Tensor
 
 from glassformer.errors import InputError
 from glassformer.hooks import ActivationCache
+from glassformer.inspect.inputs import TokensOrText, as_tokens, token_labels
 from glassformer.model import Transformer
 
 
@@ -195,15 +196,19 @@ class _Walker:
 
 def trace(
     model: Transformer,
-    tokens: Tensor,
-    tgt: Tensor | None = None,
+    tokens: TokensOrText,
+    tgt: TokensOrText | None = None,
     position: int = -1,
     batch_index: int = 0,
     labels: list[str] | None = None,
     max_values: int = 8,
 ) -> Trace:
     """Trace token `position` of sequence `batch_index` through every cell (for an encoder-decoder
-    model, a target position through the decoder, after the encoder has run)."""
+    model, a target position through the decoder, after the encoder has run). Tokens may be text;
+    `labels` (the traced sequence's token strings) default to the tokenizer's."""
+    tokens = as_tokens(model, tokens)
+    if tgt is not None:
+        tgt = as_tokens(model, tgt, "tgt")
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, tgt) if tgt is not None else model.run_with_cache(tokens)
     n_batch, n_pos = logits.shape[:2]
@@ -212,6 +217,7 @@ def trace(
     if not -n_batch <= batch_index < n_batch:
         raise InputError(f"batch_index={batch_index} is outside the batch of {n_batch} sequences")
     pos = position % n_pos
+    labels = labels or token_labels(model, tokens if tgt is None else tgt, batch_index)
     walker = _Walker(model, cache, batch_index, pos)
     cfg = model.cfg
     stack, n_layers = ("decoder.", cfg.n_decoder_layers) if cfg.arch == "encoder-decoder" else ("", cfg.n_layers)
