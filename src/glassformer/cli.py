@@ -3,63 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glassformer.config import ACTS, ARCHS, NORM_POSITIONS, NORMS, POSITIONALS, Config
-from glassformer.errors import GlassformerError
-from glassformer.inspect.commands import add_commands
+from glassformer import parallel
+from glassformer.cli_flags import add_config_flags, config_fields
+from glassformer.config import Config
+from glassformer.errors import CheckpointError, GlassformerError
+from glassformer.inspect.commands import CHECKPOINT_HELP, add_commands, model_from_args, prompt_tokens
 from glassformer.inspect.examples import two_heads
 from glassformer.inspect.trace import trace
 from glassformer.model import Transformer
-from glassformer.tokenizer import encode_prompt, load_tokenizer
-
-# Config fields settable from the command line, with their argparse options.
-MODEL_FLAGS: dict[str, dict] = {
-    "arch": dict(choices=ARCHS),
-    "n_layers": dict(type=int),
-    "n_decoder_layers": dict(type=int),
-    "d_model": dict(type=int),
-    "n_heads": dict(type=int),
-    "n_kv_heads": dict(type=int),
-    "d_mlp": dict(type=int),
-    "n_ctx": dict(type=int),
-    "positional": dict(choices=POSITIONALS),
-    "norm": dict(choices=NORMS),
-    "norm_position": dict(choices=NORM_POSITIONS),
-    "act": dict(choices=ACTS),
-    "dropout": dict(type=float),
-    "attn_only": dict(action=argparse.BooleanOptionalAction),
-}
-
-
-def add_config_flags(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """--n-layers, --d-model, … for the Config fields in MODEL_FLAGS; unset ones stay None."""
-    group = parser.add_argument_group("model")
-    for name, options in MODEL_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), default=defaults.get(name), **options)
-
-
-def config_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The Config fields given on the command line."""
-    return {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+from glassformer.opening import checkpoint_kind, directory_config, open_model
+from glassformer.tokenizer import TextTokenizer, load_tokenizer
 
 
 def cmd_trace(args: argparse.Namespace) -> None:
-    from glassformer.inspect.commands import model_from_args, prompt_tokens
-
     if args.example == "two-heads":
         model, tokens, labels = two_heads()
         print(trace(model, tokens, position=args.position, labels=labels, max_values=args.max_values))
         return
     model = model_from_args(args)
-    tokens, labels = prompt_tokens(args.checkpoint, args.prompt)
+    tokens, labels = prompt_tokens(model, args.prompt, args.checkpoint)
     tgt = tokens if model.cfg.arch == "encoder-decoder" else None
     print(trace(model, tokens, tgt, position=args.position, labels=labels, max_values=args.max_values))
     if not args.checkpoint:
@@ -67,24 +37,33 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    model = Transformer.from_hf(args.hf_dir, allow_pickle=args.allow_pickle)
-    model.save(args.out_dir)
-    print(f"converted {args.hf_dir} ({model.cfg.extra.get('hf_model_type')}) -> {args.out_dir}")
+    kind = checkpoint_kind(args.source)
+    model = open_model(args.source, allow_pickle=args.allow_pickle)
+    model.save(args.out_dir)  # the tokenizer too, when the source has one
+    print(f"converted {args.source} ({source_format(kind, model)}) -> {args.out_dir}")
     print_info(model, Path(args.out_dir))
 
 
+def source_format(kind: str, model: Transformer) -> str:
+    """A converted checkpoint in words: its Hugging Face family ("gpt2"), "GGUF, llama", or "glassformer"."""
+    family = model.cfg.extra.get("hf_model_type")
+    if kind == "hf":
+        return str(family)
+    return f"GGUF, {family}" if kind == "gguf" and family else "GGUF" if kind == "gguf" else kind
+
+
 def cmd_info(args: argparse.Namespace) -> None:
-    print_info(Transformer.load(args.dir), Path(args.dir))
+    print_info(open_model(args.path), Path(args.path))
 
 
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def print_info(model: Transformer, directory: Path) -> None:
-    """The config, parameter counts by part, and the checkpoint's size on disk."""
+def print_info(model: Transformer, path: Path) -> None:
+    """The config, parameter counts by part, the tokenizer, and the checkpoint's size on disk."""
     cfg = model.cfg
-    print(f"{directory}: {cfg.arch}, {cfg.n_layers} layers, d_model={cfg.d_model}, {cfg.n_heads} heads")
+    print(f"{path}: {cfg.arch}, {cfg.n_layers} layers, d_model={cfg.d_model}, {cfg.n_heads} heads")
     for name, value in cfg.to_dict().items():
         print(f"  {name:<18} {value}")
     total = count(model)
@@ -94,63 +73,66 @@ def print_info(model: Transformer, directory: Path) -> None:
     )
     for name, n in parts.items():
         print(f"  {name:<18} {n:>14,}  {100 * n / total:5.1f}%")
-    files = sorted(directory.iterdir())
+    print(f"tokenizer: {describe_tokenizer(model.tokenizer)}")
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
     print("files: " + ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.1f} MiB)" for f in files if f.is_file()))
 
 
-def open_checkpoint(directory: str) -> Transformer:
-    """A glassformer checkpoint, or a Hugging Face one (its config.json names a model_type)."""
-    config = (
-        json.loads((Path(directory) / "config.json").read_text()) if (Path(directory) / "config.json").exists() else {}
-    )
-    return Transformer.from_hf(directory) if "model_type" in config else Transformer.load(directory)
+def describe_tokenizer(tokenizer: TextTokenizer | None) -> str:
+    """One line: the tokenizer's kind, vocabulary, special tokens, and whether it has a chat template."""
+    if tokenizer is None:
+        return "none (token ids only)"
+    kind = type(tokenizer.backend.model).__name__
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    special = ", ".join(f"{name}={value}" for name, value in ids.items() if value is not None)
+    chat = "a chat template" if tokenizer.chat_template else "no chat template"
+    return f"{kind}, {tokenizer.vocab_size:,} tokens ({special or 'no special tokens'}); {chat}"
 
 
-def open_for_generation(directory: str, tp: int) -> Transformer:
-    """The checkpoint, split across the torchrun processes when `tp` > 1."""
+def open_for_generation(path: str, tp: int) -> Transformer:
+    """The checkpoint (a GGUF file or a directory), split across the torchrun processes when `tp` > 1."""
     if tp == 1:
-        return open_checkpoint(directory)
-    from glassformer import parallel
-
-    config = json.loads((Path(directory) / "config.json").read_text())
-    own_format = "model_type" not in config
+        return open_model(path)
+    own_format = checkpoint_kind(path) == "glassformer"
     if own_format:
-        parallel.check_divisible(Config.from_dict(config), tp)  # before any communication
+        parallel.check_divisible(Config.from_dict(directory_config(Path(path))), tp)  # before any communication
     parallel.init()
     if torch.distributed.get_world_size() != tp:
         raise ValueError(f"--tp {tp} needs as many processes; torchrun started {torch.distributed.get_world_size()}")
-    if own_format:
-        return parallel.load_sharded(directory)  # each process reads only its slices
-    return parallel.shard(open_checkpoint(directory))  # a Hugging Face checkpoint is converted whole, then split
+    if not own_format:
+        return parallel.shard(open_model(path))  # GGUF and Hugging Face models are converted whole, then split
+    model = parallel.load_sharded(path)  # each process reads only its slices
+    if model.tokenizer is None and (Path(path) / "tokenizer.json").is_file():
+        model.tokenizer = TextTokenizer.load(path)
+    return model
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = open_for_generation(args.checkpoint, args.tp), load_tokenizer(args.checkpoint)
+    model = open_for_generation(args.checkpoint, args.tp)
+    if model.tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint} has no tokenizer to turn the prompt into tokens and back")
     main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    ids = encode_prompt(tokenizer, args.prompt)
     options = dict(
         do_sample=not args.greedy,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        eos_token_id=[] if args.ignore_eos else model.tokenizer.stop_ids(),
         generator=torch.Generator().manual_seed(args.seed),
         compile=args.compile,
     )
+    model.to_tokens(args.prompt)  # a prompt the tokenizer cannot encode fails here, before any output
     show = print if main_process else lambda *a, **k: None  # every process decodes; one prints
     show(args.prompt, end="", flush=True)
-    new: list[int] = []
-    shown = ""
+    steps = 0
     start = time.perf_counter()
-    prompt = torch.tensor([ids], device=model.embed.W_E.device)  # a split model may sit on this process's GPU
-    for token in model.stream(prompt, args.max_new_tokens, **options):
-        new.append(int(token[0]))
-        text = tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
-        show(text[len(shown) :], end="", flush=True)  # print what the new token adds to the text
-        shown = text
+    for piece in model.stream(args.prompt, args.max_new_tokens, **options):  # the text each new token adds
+        show(piece, end="", flush=True)
+        steps += 1
     elapsed = time.perf_counter() - start
-    show(f"\n\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
+    show(f"\n\n[{steps} tokens in {elapsed:.2f} s: {steps / elapsed:.1f} tokens/s]", file=sys.stderr)
 
 
 # TrainConfig fields settable from the command line; unset ones keep the preset's value.
@@ -230,11 +212,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(sample_text(model, tokenizer, args.prompt, args.max_new_tokens, args.seed))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_trace(sub: Any) -> None:
+    """`glassformer trace`: one token through the model, cell by cell."""
     p = sub.add_parser("trace", help="walk one token through the model, cell by cell")
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint directory with tokenizer.json (default: flags)")
+    p.add_argument("checkpoint", nargs="?", help=f"{CHECKPOINT_HELP}, with a tokenizer (default: flags)")
     p.add_argument("--example", choices=["two-heads"], help="a worked example with hand-set weights")
     p.add_argument("--prompt", default="Hello", help="text to run (without a checkpoint, UTF-8 bytes are the tokens)")
     p.add_argument("--position", type=int, default=-1, help="which token to trace (default: the last)")
@@ -243,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(run=cmd_trace)
 
+
+def add_train(sub: Any) -> None:
+    """`glassformer train`: a model from scratch, with the TrainConfig and Config flags."""
     p = sub.add_parser("train", help="train a model from scratch on text or a synthetic task")
     p.add_argument("--preset", choices=("tiny", "demo", "small"), default="tiny")
     p.add_argument("--out", default="runs/train", help="run directory: checkpoint, tokenizer, metrics, pictures")
@@ -256,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(run=cmd_train)
 
+
+def add_sample(sub: Any) -> None:
+    """`glassformer sample`: text from a trained run directory."""
     p = sub.add_parser("sample", help="generate text from a trained run directory")
     p.add_argument("dir")
     p.add_argument("--prompt", default="\n")
@@ -263,31 +250,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("convert", help="convert a local Hugging Face checkpoint directory to glassformer's format")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or shards)")
-    p.add_argument("out_dir", help="where to write config.json and model.safetensors")
+
+def add_convert(sub: Any) -> None:
+    """`glassformer convert`: a GGUF file or Hugging Face directory to glassformer's format."""
+    p = sub.add_parser("convert", help="convert a GGUF file or a Hugging Face directory to glassformer's format")
+    p.add_argument("source", help="a GGUF file, or a Hugging Face directory (config.json + safetensors or shards)")
+    p.add_argument("out_dir", help="where to write config.json, model.safetensors and the tokenizer")
     p.add_argument("--allow-pickle", action="store_true", help="also read pickled pytorch_model.bin (weights only)")
     p.set_defaults(run=cmd_convert)
 
+
+def add_generate(sub: Any) -> None:
+    """`glassformer generate`: a prompt continued by a checkpoint, streamed to the terminal."""
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint, streaming to the terminal")
-    p.add_argument("checkpoint", help="a glassformer or Hugging Face checkpoint directory with a tokenizer.json")
+    p.add_argument("checkpoint", help=f"{CHECKPOINT_HELP}, with a tokenizer")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--greedy", action="store_true", help="take the most likely token instead of sampling")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the tokenizer's end-of-text tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (run under torchrun)")
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("info", help="describe a glassformer checkpoint: config, parameters, sizes")
-    p.add_argument("dir")
+
+def add_info(sub: Any) -> None:
+    """`glassformer info`: what a checkpoint holds."""
+    p = sub.add_parser("info", help="describe a checkpoint: config, parameters, tokenizer, sizes")
+    p.add_argument("path", help=CHECKPOINT_HELP)
     p.set_defaults(run=cmd_info)
 
-    add_commands(sub)  # diagram, heads, html
+
+# Each registers its subcommands on the parser's subparsers; a new command adds its own function here.
+COMMANDS: list[Callable[[Any], None]] = [
+    add_trace,
+    add_train,
+    add_sample,
+    add_convert,
+    add_generate,
+    add_info,
+    add_commands,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `glassformer` parser: one subcommand per entry of COMMANDS."""
+    parser = argparse.ArgumentParser(prog="glassformer", description="A transformer you can see through.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

@@ -45,7 +45,7 @@ def test_diagram_of_a_checkpoint_to_a_file(checkpoint, tmp_path, capsys, monkeyp
 def test_diagram_refuses_a_checkpoint_and_flags_together(checkpoint):
     with pytest.raises(ValueError, match="not both"):
         run(["diagram", str(checkpoint), "--n-layers", "3"])
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(gf.CheckpointError, match="does not exist.*expected a GGUF file"):
         run(["diagram", str(checkpoint / "nothing")])
 
 
