@@ -15,10 +15,9 @@ from torch import Tensor
 
 from glassformer.cells.attention import AttentionMask
 from glassformer.errors import InputError
-from glassformer.hooks import ActivationCache, HookPoint, HookSpec
+from glassformer.hooks import ActivationCache, HookedRoot, HookPoint, HookSpec
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
-from glassformer.model import Transformer
 
 
 def sample(
@@ -49,7 +48,7 @@ def sample(
 
 
 def _check_options(
-    model: Transformer, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+    model: HookedRoot, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
@@ -64,7 +63,7 @@ def _check_options(
 
 
 def _start(
-    model: Transformer,
+    model: HookedRoot,
     tokens: Tensor,
     attention_mask: Tensor | None,
     max_new_tokens: int,
@@ -112,7 +111,7 @@ def _start(
 
 @torch.no_grad()
 def stream(
-    model: Transformer,
+    model: HookedRoot,
     tokens: Tensor,
     max_new_tokens: int,
     *,
@@ -120,7 +119,7 @@ def stream(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -129,10 +128,12 @@ def stream(
     compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the new token of every row (batch,) at each step, until `max_new_tokens` or until
-    every row has produced `eos_token_id` (a finished row then yields `pad_token_id`, by default
-    the EOS id). `fwd_hooks` apply at every step, as in `run_with_hooks`."""
+    every row has produced `eos_token_id` (one id, or several: a chat model's end-of-turn tokens; a
+    finished row then yields `pad_token_id`, by default the first EOS id). `fwd_hooks` apply at every
+    step, as in `run_with_hooks`."""
     _check_options(model, max_new_tokens, temperature, top_k, top_p)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    pad = (stops or [None])[0] if pad_token_id is None else pad_token_id
     step = torch.compile(model.decode, dynamic=False) if compile else model.decode
     with model.hooks(fwd_hooks):  # the encoder's pass, the prefill and every step
         prompt, valid, cache, encoder_out, encoder_mask = _start(
@@ -142,13 +143,14 @@ def stream(
         next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt.device)
         cache.advance(valid)
         logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask)  # prefill, uncompiled
         for i in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (batch,)
-            if eos_token_id is not None:
+            if stops:
                 token = torch.where(finished, torch.full_like(token, pad), token)
-                finished |= token == eos_token_id
+                finished |= torch.isin(token, stop_ids)
             yield token
             if i == max_new_tokens - 1 or bool(finished.all()):
                 return
@@ -180,7 +182,7 @@ def _join_steps(steps: dict[str, list[Tensor]]) -> ActivationCache:
 
 
 def generate(
-    model: Transformer,
+    model: HookedRoot,
     tokens: Tensor,
     max_new_tokens: int,
     *,

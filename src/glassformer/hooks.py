@@ -274,8 +274,7 @@ class HookedRoot(nn.Module):
         with self.hooks([(name, save) for name in names]):
             out = self(*args, **kwargs)
         cache = ActivationCache(store)
-        if gather:
-            from glassformer.parallel import gather_cache
-
-            cache = gather_cache(self, cache)
+        tp = getattr(self, "tp", None)  # set by glassformer.parallel.shard
+        if gather and tp is not None:
+            cache = tp.gather_cache(cache)
         return out, cache

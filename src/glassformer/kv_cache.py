@@ -10,6 +10,7 @@ Cross-attention keys and values (from the encoder output) are computed at the fi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -76,6 +77,24 @@ class KVCache:
         self.slots = torch.arange(self.length, self.length + n, device=self.key_valid.device)
         self.key_valid[:, self.length : self.length + n] = valid
         self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (a conversation rolled back to a shared prefix)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} positions to {length}")
+        self.key_valid[:, length:] = False
+        self.length = length
+
+    def reserve(self, max_len: int) -> None:
+        """Hold at least `max_len` positions, keeping what is written: a conversation's cache grows
+        by reallocation, since a decoding step attends over every slot."""
+        if max_len <= self.max_len:
+            return
+        more = max_len - self.max_len
+        self.k, self.v = (F.pad(t, (0, 0, 0, more)) for t in (self.k, self.v))  # zeros after the max_len axis
+        self.layers = [LayerKV(self, self.k[i], self.v[i]) for i in range(len(self.layers))]
+        self.key_valid = F.pad(self.key_valid, (0, more))  # (batch, max_len): the new slots hold nothing
+        self.max_len = max_len
 
     def numel(self) -> int:
         """Elements held for self-attention: 2 · layers · batch · max_len · n_kv_heads · d_head."""

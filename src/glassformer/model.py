@@ -20,11 +20,18 @@ from glassformer.cells.block import Block
 from glassformer.cells.embed import Embed, Pooler, TokenTypeEmbed, Unembed
 from glassformer.cells.norm import make_norm
 from glassformer.cells.position import PosEmbed, Rotary
+from glassformer.chat import ChatSession, Message, chat
+from glassformer.checkpoints.gguf import read_gguf, write_gguf
+from glassformer.checkpoints.hf import read_hf, to_hf
+from glassformer.checkpoints.native import check_state, read, write
 from glassformer.config import Config
 from glassformer.errors import InputError
+from glassformer.generate import generate, stream
 from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
+from glassformer.text import Text, TextIO, generate_text, stream_text
+from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 
 
 def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
@@ -51,7 +58,7 @@ class Stack(nn.Module):
         add_stack(self, cfg, n_layers, causal, cross, rotary)
 
 
-class Transformer(HookedRoot):
+class Transformer(TextIO, HookedRoot):
     """A transformer built from a `Config`; every intermediate is a named hook point."""
 
     def __init__(self, cfg: Config, seed: int | None = None) -> None:
@@ -68,41 +75,74 @@ class Transformer(HookedRoot):
         self.unembed = Unembed(cfg, self.embed)
         self.pooler = Pooler(cfg) if cfg.pooler else None
         self.hook_logits = HookPoint()  # (batch, pos, d_vocab)
+        self.tokenizer: TextTokenizer | None = None  # text in and out, when the checkpoint has one
         init_weights(self, seed)
         self.setup_hooks()
 
     @classmethod
-    def from_hf(cls, source: Any, allow_pickle: bool = False) -> Transformer:
-        """Convert a `transformers` model, or a local Hugging Face directory, with the same numbers."""
-        from glassformer.checkpoints.hf import from_hf
+    def from_state(
+        cls, cfg: Config, state: dict[str, Tensor], source: str, tokenizer: TextTokenizer | None = None
+    ) -> Transformer:
+        """A model around `state` (used as it is: no copy), checked against `cfg` first; eval mode."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_state(model.state_dict(keep_vars=True), state, source)
+        model.load_state_dict(state, assign=True)
+        model.tokenizer = tokenizer
+        return model.eval()
 
-        return from_hf(source, allow_pickle)
+    @classmethod
+    def from_hf(cls, source: Any, allow_pickle: bool = False) -> Transformer:
+        """Convert a `transformers` model, or a local Hugging Face directory, with the same numbers;
+        a directory's tokenizer (tokenizer.json) comes along."""
+        cfg, state, name = read_hf(source, allow_pickle)
+        return cls.from_state(cfg, state, name, directory_tokenizer(source))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+        """Open a GGUF file (llama.cpp's format): weights dequantized to `dtype`, its tokenizer and
+        chat template attached."""
+        cfg, state, tokenizer = read_gguf(path, dtype)
+        return cls.from_state(cfg, state, str(path), tokenizer)
 
     def to_hf(self, directory: str | Path) -> Path:
         """Write this decoder as a Hugging Face checkpoint (GPT-2, Llama/Qwen2 or GPT-NeoX layout,
         whichever fits the config) that `transformers` opens with the same numbers."""
-        from glassformer.checkpoints.hf import to_hf
+        directory = to_hf(self.cfg, self.state_dict(), directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory)
+        return directory
 
-        return to_hf(self, directory)
+    def to_gguf(self, path: str | Path, dtype: str = "f32") -> Path:
+        """Write this decoder as a GGUF file ("f32", "f16" or "q8_0" weights) that llama.cpp, Ollama
+        and `transformers` open; the tokenizer and chat template go along when the model has one."""
+        return write_gguf(self.cfg, self.state_dict(), self.tokenizer, path, dtype)
 
     def save(self, directory: str | Path) -> Path:
-        """Write `config.json` and `model.safetensors` into `directory`, each atomically."""
-        from glassformer.checkpoints.native import save
-
-        return save(self, directory)
+        """Write `config.json`, `model.safetensors` (and the tokenizer files) into `directory`, each
+        atomically. A model split by `glassformer.parallel` is gathered whole: every process of its
+        group calls this, the first writes."""
+        tp = getattr(self, "tp", None)
+        state = self.state_dict() if tp is None else tp.gather_state(self.cfg, self.state_dict())
+        if tp is None or tp.rank == 0:
+            write(self.cfg, state, directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save(directory)
+        return Path(directory)
 
     @classmethod
     def load(
         cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> Transformer:
-        """Open a directory written by `save` (weights memory-mapped, checked against the config)."""
-        from glassformer.checkpoints.native import load
-
-        return load(directory, device, dtype)
+        """Open a directory written by `save` (weights memory-mapped, checked against the config),
+        with its tokenizer when it has one."""
+        cfg, state, source = read(directory)
+        model = cls.from_state(cfg, state, source, directory_tokenizer(directory))
+        return model.to(device=device, dtype=dtype)
 
     def forward(
         self,
-        tokens: Tensor,
+        tokens: Tensor | Text,
         tgt: Tensor | None = None,
         *,
         attention_mask: Tensor | None = None,
@@ -113,8 +153,13 @@ class Transformer(HookedRoot):
 
         `attention_mask` (batch, pos) is 1 for real tokens and 0 for padding, as in Hugging Face.
         With padding, absolute and rotary positions count real tokens only, so a left-padded row
-        computes what the same sequence computes alone.
+        computes what the same sequence computes alone. A string (or a list of strings, left-padded)
+        is tokenized first, so `run_with_cache("text")` works too.
         """
+        if isinstance(tokens, str | list | tuple):
+            if attention_mask is not None:
+                raise InputError("give text or tokens with an attention_mask, not text with a mask")
+            tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
         if self.cfg.arch != "encoder-decoder":
             if tgt is not None or decoder_attention_mask is not None:
                 raise InputError(f"a {self.cfg.arch} model takes one token tensor; tgt is for encoder-decoder")
@@ -192,18 +237,28 @@ class Transformer(HookedRoot):
         resid = self._run_stack(stack, tokens, mask, encoder_out, encoder_mask, positions=positions, cache=cache)
         return self.hook_logits(self.unembed(resid[:, -1:]))[:, 0]  # only the last position is needed
 
-    def generate(self, tokens: Tensor, max_new_tokens: int, **options: Any) -> Any:
-        """Prompt and new tokens together (batch, pos + new), as `transformers` returns them; see
-        `glassformer.generate.generate` for the options (sampling, EOS, padding, hooks, compile)."""
-        from glassformer.generate import generate
-
+    def generate(self, tokens: Tensor | Text, max_new_tokens: int, **options: Any) -> Any:
+        """Prompt and new tokens together (batch, pos + new), as `transformers` returns them; given
+        text, the text and its continuation (stopping at EOS). Options: see
+        `glassformer.generate.generate` (sampling, EOS, padding, hooks, compile)."""
+        if isinstance(tokens, str | list | tuple):
+            return generate_text(self, tokens, max_new_tokens, **options)
         return generate(self, tokens, max_new_tokens, **options)
 
-    def stream(self, tokens: Tensor, max_new_tokens: int, **options: Any) -> Iterator[Tensor]:
-        """Yield each step's new tokens (batch,) as they are decoded; options as for `generate`."""
-        from glassformer.generate import stream
-
+    def stream(self, tokens: Tensor | Text, max_new_tokens: int, **options: Any) -> Iterator[Any]:
+        """Yield each step's new tokens (batch,) as they are decoded, or, given text, the new text;
+        options as for `generate`."""
+        if isinstance(tokens, str | list | tuple):
+            return stream_text(self, tokens, max_new_tokens, **options)
         return stream(self, tokens, max_new_tokens, **options)
+
+    def chat(self, messages: list[Message], max_new_tokens: int = 256, **sampling: Any) -> str:
+        """The assistant's answer to a conversation, through the chat template; stops at its end of turn."""
+        return chat(self, messages, max_new_tokens, **sampling)
+
+    def chat_session(self, system: str | None = None, **sampling: Any) -> ChatSession:
+        """A multi-turn conversation that keeps its KV cache between turns (`send(text)` streams)."""
+        return ChatSession(self, system, **sampling)
 
 
 @torch.no_grad()

@@ -135,6 +135,34 @@ class TensorParallel:
             torch.manual_seed(seed + self.rank)
             yield
 
+    def gather_state(self, cfg: Config, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Whole tensors from every process's share (a collective: each process of the group calls it)."""
+        out = {}
+        for name, local in tensors.items():
+            split = split_of(name)
+            if split == "replicated":
+                out[name] = local
+                continue
+            parts = _all_gather(local.detach().contiguous(), self.group, self.world)
+            if split == "qkv":  # regroup: every process's queries, then every process's keys, then values
+                sizes = [rows.stop - rows.start for rows in _qkv_rows(cfg, 0, self.world)]
+                pieces = [part.split(sizes) for part in parts]
+                out[name] = torch.cat([piece[i] for i in range(3) for piece in pieces])
+            else:
+                out[name] = torch.cat(parts, dim=0 if split == "mlp_rows" else 1)
+        return out
+
+    def gather_cache(self, cache: ActivationCache) -> ActivationCache:
+        """Full-head (full-width) activations from every process's share (a collective)."""
+        out = {}
+        for name, tensor in cache.items():
+            axis = _SPLIT_AXES.get(name.rsplit(".", 1)[-1])
+            if axis is None:
+                out[name] = tensor
+                continue
+            out[name] = torch.cat(_all_gather(tensor.contiguous(), self.group, self.world), dim=axis)
+        return ActivationCache(out)
+
 
 def groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(tensor-parallel group, data-parallel group) of this process when every `tp` consecutive
@@ -249,22 +277,7 @@ def full_state(model: Transformer, tensors: dict[str, Tensor]) -> dict[str, Tens
     """The whole tensors from every process's share: the inverse of `local_state`. A collective: every
     process of the model's group calls it. Unsharded models get `tensors` back."""
     tp = getattr(model, "tp", None)
-    if tp is None:
-        return dict(tensors)
-    out = {}
-    for name, local in tensors.items():
-        split = split_of(name)
-        if split == "replicated":
-            out[name] = local
-            continue
-        parts = _all_gather(local.detach().contiguous(), tp.group, tp.world)
-        if split == "qkv":  # regroup: every process's queries, then every process's keys, then values
-            sizes = [rows.stop - rows.start for rows in _qkv_rows(model.cfg, 0, tp.world)]
-            pieces = [part.split(sizes) for part in parts]
-            out[name] = torch.cat([piece[i] for i in range(3) for piece in pieces])
-        else:
-            out[name] = torch.cat(parts, dim=0 if split == "mlp_rows" else 1)
-    return out
+    return dict(tensors) if tp is None else tp.gather_state(model.cfg, tensors)
 
 
 def _localize(model: Transformer, group: dist.ProcessGroup | None, rank: int, world: int) -> None:
@@ -346,13 +359,4 @@ _SPLIT_AXES = {
 def gather_cache(model: Transformer, cache: ActivationCache) -> ActivationCache:
     """Full-head (full-width) activations from every process's share, as one process would have."""
     tp = getattr(model, "tp", None)
-    if tp is None:
-        return cache
-    out = {}
-    for name, tensor in cache.items():
-        axis = _SPLIT_AXES.get(name.rsplit(".", 1)[-1])
-        if axis is None:
-            out[name] = tensor
-            continue
-        out[name] = torch.cat(_all_gather(tensor.contiguous(), tp.group, tp.world), dim=axis)
-    return ActivationCache(out)
+    return cache if tp is None else tp.gather_cache(cache)

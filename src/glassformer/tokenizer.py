@@ -37,12 +37,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of a prompt; an InputError when the tokenizer cannot encode it (a character a
     character-level vocabulary has never seen) or when it encodes to no tokens at all."""
-    try:
-        ids = tokenizer.encode(text).ids
-    except Exception as err:  # the tokenizers library raises a bare Exception
-        unknown = unknown_characters(tokenizer, text)
-        detail = f"characters not in its vocabulary: {unknown[:10]}" if unknown else str(err)
-        raise InputError(f"the tokenizer cannot encode the prompt {text[:40]!r}: {detail}") from None
+    ids = TextTokenizer(tokenizer).encode(text)
     if not ids:
         raise InputError(f"the prompt {text!r} encodes to no tokens; give some text")
     return ids
@@ -85,7 +80,12 @@ class TextTokenizer:
         the tokenizer's policy), and never twice: text that already starts with BOS gets no second one."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as err:  # the tokenizers library raises a bare Exception (e.g. a char vocabulary)
+            unknown = unknown_characters(self.backend, text)
+            detail = f"characters not in its vocabulary: {unknown[:10]}" if unknown else str(err)
+            raise InputError(f"the tokenizer cannot encode {text[:40]!r}: {detail}") from None
         if self.add_bos_token if add_bos is None else add_bos:
             if self.bos_token_id is None:
                 raise InputError("add_bos=True, but this tokenizer has no BOS token")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glassformer.checkpoints.hf import Family, HFState, activation, map_rows, same, stacked
+from glassformer.checkpoints.tables import Family, HFState, activation, map_rows, same, stacked
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import (
+from glassformer.checkpoints.tables import (
     Family,
     HFState,
     activation,

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.hf import (
+from glassformer.checkpoints.tables import (
     PLAIN_DECODER,
     Family,
     HFState,

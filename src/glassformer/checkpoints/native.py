@@ -2,7 +2,7 @@
 
 Both files are written atomically, and the config is also stored in the weights file's metadata,
 so a crash between the two renames is detected on load instead of pairing weights with the wrong
-config. Loading memory-maps the weights onto a model built on the meta device: no second copy.
+config. Reading memory-maps the weights (the model is built around them on the meta device: no copy).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -18,19 +17,6 @@ from torch import Tensor
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
-from glassformer.model import Transformer
-
-
-def save(model: Transformer, directory: str | Path) -> Path:
-    """Write `config.json` and `model.safetensors` into `directory` (created if needed). A model split
-    by `glassformer.parallel` is gathered whole: every process of its group calls this, the first writes."""
-    from glassformer.parallel import full_state
-
-    tensors = full_state(model, model.state_dict())
-    tp = getattr(model, "tp", None)
-    if tp is None or tp.rank == 0:
-        write(model.cfg, tensors, directory)
-    return Path(directory)
 
 
 def write(cfg: Config, state: dict[str, Tensor], directory: str | Path) -> Path:
@@ -47,9 +33,9 @@ def write(cfg: Config, state: dict[str, Tensor], directory: str | Path) -> Path:
     return directory
 
 
-def check_state(model: Transformer, state: dict[str, Tensor], source: str) -> None:
-    """Every problem at once: missing, unexpected, wrongly shaped or non-float tensors."""
-    expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
+def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
+    """Every problem at once: missing, unexpected, wrongly shaped or non-float tensors, against the
+    `expected` tensors (a model's state dict, on the meta device)."""
     problems = [f"missing tensor {name} {tuple(t.shape)}" for name, t in expected.items() if name not in state]
     problems += [f"unexpected tensor {name} {tuple(t.shape)}" for name, t in state.items() if name not in expected]
     for name, t in state.items():
@@ -64,8 +50,9 @@ def check_state(model: Transformer, state: dict[str, Tensor], source: str) -> No
         raise CheckpointError(f"{source} does not match its config ({len(problems)} problems):\n  {listing}")
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """Open a checkpoint written by `save`; the weights are checked against the config first."""
+def read(directory: str | Path) -> tuple[Config, dict[str, Tensor], str]:
+    """(Config, memory-mapped weights, the weights file's name) of a checkpoint written by `write`;
+    a config that differs from the one stored with the weights is an error."""
     directory = Path(directory)
     cfg = Config.from_dict(read_json(directory / "config.json"))
     weights = directory / "model.safetensors"
@@ -77,8 +64,4 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
             f"{directory / 'config.json'} differs from the config stored with the weights "
             "(an interrupted save?); re-save the model"
         )
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    check_state(model, state, str(weights))
-    model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    return cfg, state, str(weights)

@@ -1,0 +1,357 @@
+"""GGUF files (llama.cpp, Ollama, LM Studio) <-> glassformer, through the Hugging Face family tables.
+
+A GGUF file names its tensors and settings in llama.cpp's vocabulary (`blk.0.attn_q.weight`,
+`llama.attention.head_count`). Each architecture below is a table that renames them to the
+Hugging Face names its family module already converts (llama.py, gpt2.py, neox.py), so a GGUF model
+and the same model from `transformers` go through one conversion. The file's tensors are read with
+the `gguf` package and dequantized by `gguf.quants`; nothing here parses the format by hand.
+
+llama.cpp stores the Q and K rows of Llama-architecture models permuted for its interleaved rotary
+(`convert_hf_to_gguf.py`'s `permute`); reading undoes that permutation and writing applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from torch import Tensor
+
+from glassformer.checkpoints.files import atomic_write
+from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
+from glassformer.checkpoints.hf import convert, export
+from glassformer.config import Config
+from glassformer.errors import CheckpointError
+from glassformer.tokenizer import TextTokenizer
+
+# One row: llama.cpp's tensor name and the Hugging Face one ("{i}" is the layer), whether the
+# Hugging Face tensor is the transpose of the GGUF one (GPT-2's Conv1D stores (in, out)).
+Names = list[tuple[str, str, bool]]
+
+
+def _layer(prefix: str, rows: list[tuple[str, str]], transposed: tuple[str, ...] = ()) -> Names:
+    """Per-layer rows for weights and biases: `blk.{i}.<ours>.weight` <-> `<prefix><theirs>.weight`."""
+    return [
+        (f"blk.{{i}}.{ours}.{kind}", f"{prefix}{theirs}.{kind}", kind == "weight" and ours in transposed)
+        for ours, theirs in rows
+        for kind in ("weight", "bias")
+    ]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one `general.architecture` maps onto a Hugging Face family."""
+
+    model_type: str  # the transformers model_type whose family module converts it
+    settings: dict[str, str]  # GGUF key (after "<arch>.") -> Hugging Face config field
+    names: Names  # tensor names, both ways
+    defaults: dict[str, Any] = field(default_factory=dict)  # HF config fields GGUF leaves implicit
+    permuted_qk: bool = False  # llama.cpp's interleaved-rotary row order for Q and K
+    extra: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None  # derived fields
+
+
+LLAMA_SETTINGS = {
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+LLAMA_NAMES = [
+    ("token_embd.weight", "model.embed_tokens.weight", False),
+    ("output_norm.weight", "model.norm.weight", False),
+    ("output.weight", "lm_head.weight", False),
+    *_layer(
+        "model.layers.{i}.",
+        [
+            ("attn_norm", "input_layernorm"),
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ],
+    ),
+]
+GPT2_NAMES = [
+    ("token_embd.weight", "transformer.wte.weight", False),
+    ("position_embd.weight", "transformer.wpe.weight", False),
+    ("output_norm.weight", "transformer.ln_f.weight", False),
+    ("output_norm.bias", "transformer.ln_f.bias", False),
+    ("output.weight", "lm_head.weight", False),
+    *_layer(
+        "transformer.h.{i}.",
+        [
+            ("attn_norm", "ln_1"),
+            ("attn_qkv", "attn.c_attn"),
+            ("attn_output", "attn.c_proj"),
+            ("ffn_norm", "ln_2"),
+            ("ffn_up", "mlp.c_fc"),
+            ("ffn_down", "mlp.c_proj"),
+        ],
+        transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+    ),
+]
+NEOX_NAMES = [
+    ("token_embd.weight", "gpt_neox.embed_in.weight", False),
+    ("output_norm.weight", "gpt_neox.final_layer_norm.weight", False),
+    ("output_norm.bias", "gpt_neox.final_layer_norm.bias", False),
+    ("output.weight", "lm_head.weight", False),  # "embed_out" in older transformers checkpoints
+    *_layer(
+        "gpt_neox.layers.{i}.",
+        [
+            ("attn_norm", "input_layernorm"),
+            ("attn_qkv", "attention.query_key_value"),
+            ("attn_output", "attention.dense"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("ffn_up", "mlp.dense_h_to_4h"),
+            ("ffn_down", "mlp.dense_4h_to_h"),
+        ],
+    ),
+]
+
+
+def _neox_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """GGUF gives rotated dimensions per head; transformers wants the fraction of the head."""
+    head = hf["hidden_size"] // hf["num_attention_heads"]
+    return {"rotary_pct": meta.get("gptneox.rope.dimension_count", head) / head}
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}, permuted_qk=True),
+    "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
+    "gpt2": Architecture(
+        "gpt2",
+        {
+            "context_length": "n_positions",
+            "embedding_length": "n_embd",
+            "feed_forward_length": "n_inner",
+            "block_count": "n_layer",
+            "attention.head_count": "n_head",
+            "attention.layer_norm_epsilon": "layer_norm_epsilon",
+            "vocab_size": "vocab_size",
+        },
+        GPT2_NAMES,
+        {"activation_function": "gelu_new"},
+    ),
+    "gptneox": Architecture(
+        "gpt_neox",
+        {
+            "context_length": "max_position_embeddings",
+            "embedding_length": "hidden_size",
+            "feed_forward_length": "intermediate_size",
+            "block_count": "num_hidden_layers",
+            "attention.head_count": "num_attention_heads",
+            "attention.layer_norm_epsilon": "layer_norm_eps",
+            "rope.freq_base": "rotary_emb_base",
+            "use_parallel_residual": "use_parallel_residual",
+            "vocab_size": "vocab_size",
+        },
+        NEOX_NAMES,
+        {"hidden_act": "gelu"},
+        extra=_neox_rotary,
+    ),
+}
+# The GGUF architecture each Hugging Face family is written as (Mistral is "llama" in llama.cpp).
+WRITTEN_AS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+
+
+def permute_qk(w: Tensor, n_heads: int, inverse: bool = False) -> Tensor:
+    """llama.cpp's Q/K row order: each head's rotate-half pairs (i, i + d/2) interleaved as (2i, 2i+1).
+    `inverse=True` undoes it. Rows are `(n_heads * d_head, ...)`."""
+    half = w.shape[0] // n_heads // 2
+    split = (n_heads, half, 2) if inverse else (n_heads, 2, half)  # (heads, pairs, 2) or (heads, halves, d_head/2)
+    return w.reshape(*split, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def open_reader(path: str | Path) -> gguf.GGUFReader:
+    """The file opened by the `gguf` package; any way it is not a readable GGUF is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file (from_gguf reads a local .gguf file)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, IndexError, struct.error … on damaged files
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or damaged?): {err}") from None
+
+
+def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, tensor_names: set[str]) -> dict[str, Any]:
+    """The Hugging Face config the file's metadata describes."""
+    prefix = meta["general.architecture"] + "."
+    scaling = meta.get(prefix + "rope.scaling.type", "none")
+    if scaling not in ("none", "", None):
+        raise CheckpointError(f"{name}: rotary scaling {scaling!r} is not supported yet")
+    hf = {"model_type": arch.model_type, **arch.defaults}
+    hf |= {theirs: meta[prefix + key] for key, theirs in arch.settings.items() if prefix + key in meta}
+    if "vocab_size" not in hf:  # older files: the vocabulary's length
+        if "tokenizer.ggml.tokens" not in meta:
+            raise CheckpointError(f"{name}: neither {prefix}vocab_size nor tokenizer.ggml.tokens gives the vocabulary")
+        hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
+    hf["tie_word_embeddings"] = "output.weight" not in tensor_names
+    hf["attention_bias"] = "blk.0.attn_output.bias" in tensor_names
+    if arch.extra is not None:
+        hf |= arch.extra(meta, hf)
+    return hf
+
+
+def dequantized(tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> Tensor:
+    """One tensor as a torch tensor of `dtype`, in the row-major (rows, cols) order of its data."""
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"{name}: tensor {tensor.name} is stored as {tensor.tensor_type.name}, which the gguf package "
+            "cannot dequantize"
+        ) from None
+    expected = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+    if values.size != int(np.prod(expected)):
+        raise CheckpointError(f"{name}: tensor {tensor.name} holds {values.size} values, its shape says {expected}")
+    # copy=True: never a view of the read-only memory map (and float32 -> dtype in one pass)
+    return torch.from_numpy(np.array(values.reshape(expected), dtype=np.float32)).to(dtype)
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, dict[str, Tensor], TextTokenizer]:
+    """(Config, state dict, tokenizer) of a GGUF file: metadata -> config, dequantized tensors ->
+    weights (the Q/K permutation undone), tokenizer and chat template from the metadata."""
+    name = str(path)
+    reader = open_reader(path)
+    meta = read_metadata(reader)
+    architecture = meta.get("general.architecture")
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{name}: architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    arch = ARCHITECTURES[architecture]
+    stored = {t.name: t for t in reader.tensors}
+    try:
+        hf = hf_settings(meta, arch, name, set(stored))
+    except KeyError as err:
+        raise CheckpointError(f"{name}: its metadata lacks {err.args[0]!r}") from None
+    to_hf = {}
+    for ours, theirs, transposed in arch.names:
+        for i in range(int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))) if "{i}" in ours else [None]:
+            to_hf[ours.format(i=i)] = (theirs.format(i=i), transposed)
+    unknown = sorted(set(stored) - set(to_hf))
+    if unknown:
+        raise CheckpointError(f"{name}: tensors the {architecture} table does not know: {', '.join(unknown[:8])}")
+    tensors = {}
+    for gguf_name, tensor in stored.items():
+        theirs, transposed = to_hf[gguf_name]
+        t = dequantized(tensor, dtype, name)
+        if arch.permuted_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            heads = hf["num_attention_heads"] if ".attn_q." in gguf_name else hf["num_key_value_heads"]
+            t = permute_qk(t, heads, inverse=True)
+        tensors[theirs] = t.T.contiguous() if transposed else t
+    cfg, state = convert(hf, tensors, name)
+    cfg.extra["gguf_architecture"] = architecture
+    return cfg, state, tokenizer_from_gguf(meta)
+
+
+def _quantized(values: np.ndarray, kind: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A weight matrix in the requested storage; vectors, and rows llama.cpp cannot block, stay f32."""
+    if values.ndim == 1 or kind == "f32":
+        return values.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if kind == "f16":
+        return values.astype(np.float16), gguf.GGMLQuantizationType.F16
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    if values.shape[-1] % gguf.GGML_QUANT_SIZES[q8][0]:  # rows not made of whole 32-value blocks
+        return values.astype(np.float16), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(values.astype(np.float32), q8), q8
+
+
+DTYPES = ("f32", "f16", "q8_0")
+FILE_TYPES = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+def write_gguf(
+    cfg: Config, state: dict[str, Tensor], tokenizer: TextTokenizer | None, path: str | Path, dtype: str = "f32"
+) -> Path:
+    """Write a decoder and its tokenizer as a GGUF file (atomically), in the first architecture that
+    can hold it; `dtype` "f32", "f16" or "q8_0" for the weight matrices (norms stay f32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
+    if tokenizer is None:
+        raise CheckpointError(
+            "this model has no tokenizer, and a GGUF file without a vocabulary does not run in llama.cpp or "
+            "Ollama: set model.tokenizer (a glassformer.tokenizer.TextTokenizer) first"
+        )
+    vocabulary = tokenizer_metadata(tokenizer)  # before anything is written: it raises on a vocabulary GGUF lacks
+    hf, tensors = export(cfg, {k: v.detach().float().cpu() for k, v in state.items()})
+    architecture = WRITTEN_AS[hf["model_type"]]
+    arch = ARCHITECTURES[architecture]
+    layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
+    from_hf = {}
+    for ours, theirs, transposed in arch.names:
+        for i in range(layers) if "{i}" in ours else [None]:
+            from_hf[theirs.format(i=i)] = (ours.format(i=i), transposed)
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, architecture)
+        writer.add_name(cfg.extra.get("name", "glassformer model"))
+        writer.add_file_type(FILE_TYPES[dtype])
+        for key, theirs in arch.settings.items():
+            if hf.get(theirs) is not None:
+                writer.add_key_value(f"{architecture}.{key}", hf[theirs], _value_type(hf[theirs]))
+        if cfg.positional == "rotary":
+            writer.add_rope_dimension_count(cfg.rotary_dim)
+        if "attention.key_length" in arch.settings:
+            writer.add_value_length(cfg.d_head)
+        for key, value in vocabulary.items():
+            _add(writer, key, value)
+        for theirs, t in tensors.items():
+            ours, transposed = from_hf[theirs]
+            t = t.T if transposed else t
+            if arch.permuted_qk and ours.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+                t = permute_qk(t, cfg.n_heads if ".attn_q." in ours else cfg.n_kv_heads)
+            data, kind = _quantized(t.contiguous().numpy(), dtype)
+            writer.add_tensor(ours, data, raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(path, write)
+    return path
+
+
+def _value_type(value: Any) -> gguf.GGUFValueType:
+    """The GGUF type of a metadata value (llama.cpp's conventions: u32 sizes, f32 reals)."""
+    if isinstance(value, bool):
+        return gguf.GGUFValueType.BOOL
+    if isinstance(value, int):
+        return gguf.GGUFValueType.UINT32
+    if isinstance(value, float):
+        return gguf.GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return gguf.GGUFValueType.STRING
+    raise TypeError(f"no GGUF type for {type(value).__name__}")
+
+
+def _add(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """One metadata entry, arrays included."""
+    if isinstance(value, list | tuple):
+        writer.add_array(key, list(value))
+    else:
+        writer.add_key_value(key, value, _value_type(value))

