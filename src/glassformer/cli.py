@@ -1,4 +1,4 @@
-"""`glassformer` command line: trace, train, sample, generate, convert, info, diagram, heads, html."""
+"""`glassformer` command line: trace, train, sample, generate, chat, convert, info, diagram, heads, html."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from glassformer import parallel
+from glassformer.cli_chat import add_chat_command
 from glassformer.cli_flags import add_config_flags, config_fields
 from glassformer.config import Config
 from glassformer.errors import CheckpointError, GlassformerError
@@ -293,6 +294,7 @@ COMMANDS: list[Callable[[Any], None]] = [
     add_convert,
     add_generate,
     add_info,
+    add_chat_command,
     add_commands,
 ]
 

@@ -30,7 +30,7 @@ from glassformer.generate import generate, stream
 from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
-from glassformer.text import Text, TextIO, generate_text, stream_text
+from glassformer.text import Text, TextIO, generate_text, is_text, stream_text
 from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 
 
@@ -156,7 +156,7 @@ class Transformer(TextIO, HookedRoot):
         computes what the same sequence computes alone. A string (or a list of strings, left-padded)
         is tokenized first, so `run_with_cache("text")` works too.
         """
-        if isinstance(tokens, str | list | tuple):
+        if is_text(tokens):
             if attention_mask is not None:
                 raise InputError("give text or tokens with an attention_mask, not text with a mask")
             tokens, attention_mask = self.to_tokens(tokens, return_mask=True)
@@ -241,14 +241,14 @@ class Transformer(TextIO, HookedRoot):
         """Prompt and new tokens together (batch, pos + new), as `transformers` returns them; given
         text, the text and its continuation (stopping at EOS). Options: see
         `glassformer.generate.generate` (sampling, EOS, padding, hooks, compile)."""
-        if isinstance(tokens, str | list | tuple):
+        if is_text(tokens):
             return generate_text(self, tokens, max_new_tokens, **options)
         return generate(self, tokens, max_new_tokens, **options)
 
     def stream(self, tokens: Tensor | Text, max_new_tokens: int, **options: Any) -> Iterator[Any]:
         """Yield each step's new tokens (batch,) as they are decoded, or, given text, the new text;
         options as for `generate`."""
-        if isinstance(tokens, str | list | tuple):
+        if is_text(tokens):
             return stream_text(self, tokens, max_new_tokens, **options)
         return stream(self, tokens, max_new_tokens, **options)
 

@@ -22,6 +22,11 @@ from glassformer.tokenizer import TextTokenizer
 Text = str | Sequence[str]
 
 
+def is_text(x: object) -> bool:
+    """A string, or a non-empty list or tuple of strings (never token ids)."""
+    return isinstance(x, str) or (isinstance(x, list | tuple) and bool(x) and all(isinstance(t, str) for t in x))
+
+
 class TextIO:
     """Tokenizer helpers for a model with a `tokenizer` attribute (None: no text, a clear error)."""
 

@@ -84,16 +84,21 @@ def read_tensors(source: Any, allow_pickle: bool) -> dict[str, Tensor]:
     return source.state_dict()
 
 
+def family_of(hf_config: dict[str, Any]) -> tuple[str, Family]:
+    """The config's `model_type` and the family that converts it; a CheckpointError listing the
+    supported ones otherwise."""
+    model_type, known = hf_config.get("model_type"), families()
+    if model_type not in known:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(known))}")
+    return model_type, known[model_type]
+
+
 def convert(
     hf_config: dict[str, Any], tensors: dict[str, Tensor], name: str, live: bool = False
 ) -> tuple[Config, dict[str, Tensor]]:
     """A Hugging Face config and its tensors (full names) -> our Config and state dict. `live`: the
     tensors belong to a running transformers model, so ours must be copies, never shared storage."""
-    model_type = hf_config.get("model_type")
-    known = families()
-    if model_type not in known:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(known))}")
-    family = known[model_type]
+    model_type, family = family_of(hf_config)
     get = HFState(tensors, family.prefixes, name)
     try:
         cfg = family.config(hf_config, get)
@@ -117,6 +122,7 @@ def convert(
 def read_hf(source: Any, allow_pickle: bool = False) -> tuple[Config, dict[str, Tensor], str]:
     """(Config, state dict, a name for messages) of a transformers model or a local HF directory."""
     hf_config, name = read_config(source)
+    family_of(hf_config)  # an unsupported family is named before any weights are read
     live = not isinstance(source, str | Path)
     cfg, state = convert(hf_config, read_tensors(source, allow_pickle), name, live)
     return cfg, state, name
