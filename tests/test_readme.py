@@ -19,3 +19,8 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
 def test_readme_quick_start_is_the_two_make_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_first_example_is_the_one_make_demo_runs():
+    example = (README.parent / "examples" / "smollm2.py").read_text()
+    assert f"```python\n{example}```" in README.read_text()
