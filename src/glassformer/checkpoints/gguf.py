@@ -211,6 +211,16 @@ def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, tensor_n
     return hf
 
 
+def tensor_names(arch: Architecture, hf: dict[str, Any]) -> Names:
+    """The table's rows for every layer of a model with Hugging Face config `hf`."""
+    layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
+    return [
+        (ours.format(i=i), theirs.format(i=i), transposed)
+        for ours, theirs, transposed in arch.names
+        for i in (range(layers) if "{i}" in ours else [None])
+    ]
+
+
 def dequantized(tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> Tensor:
     """One tensor as a torch tensor of `dtype`, in the row-major (rows, cols) order of its data."""
     try:
@@ -244,10 +254,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
         hf = hf_settings(meta, arch, name, set(stored))
     except KeyError as err:
         raise CheckpointError(f"{name}: its metadata lacks {err.args[0]!r}") from None
-    to_hf = {}
-    for ours, theirs, transposed in arch.names:
-        for i in range(int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))) if "{i}" in ours else [None]:
-            to_hf[ours.format(i=i)] = (theirs.format(i=i), transposed)
+    to_hf = {ours: (theirs, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     unknown = sorted(set(stored) - set(to_hf))
     if unknown:
         raise CheckpointError(f"{name}: tensors the {architecture} table does not know: {', '.join(unknown[:8])}")
@@ -300,11 +307,7 @@ def write_gguf(
     hf, tensors = export(cfg, {k: v.detach().float().cpu() for k, v in state.items()})
     architecture = WRITTEN_AS[hf["model_type"]]
     arch = ARCHITECTURES[architecture]
-    layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
-    from_hf = {}
-    for ours, theirs, transposed in arch.names:
-        for i in range(layers) if "{i}" in ours else [None]:
-            from_hf[theirs.format(i=i)] = (ours.format(i=i), transposed)
+    from_hf = {theirs: (ours, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     path = Path(path)
 
     def write(tmp: Path) -> None:
