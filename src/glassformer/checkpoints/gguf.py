@@ -192,7 +192,7 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path} is not a readable GGUF file (truncated or damaged?): {err}") from None
 
 
-def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, tensor_names: set[str]) -> dict[str, Any]:
+def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, stored: set[str]) -> dict[str, Any]:
     """The Hugging Face config the file's metadata describes."""
     prefix = meta["general.architecture"] + "."
     scaling = meta.get(prefix + "rope.scaling.type", "none")
@@ -204,8 +204,8 @@ def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, tensor_n
         if "tokenizer.ggml.tokens" not in meta:
             raise CheckpointError(f"{name}: neither {prefix}vocab_size nor tokenizer.ggml.tokens gives the vocabulary")
         hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
-    hf["tie_word_embeddings"] = "output.weight" not in tensor_names
-    hf["attention_bias"] = "blk.0.attn_output.bias" in tensor_names
+    hf["tie_word_embeddings"] = "output.weight" not in stored
+    hf["attention_bias"] = "blk.0.attn_output.bias" in stored
     if arch.extra is not None:
         hf |= arch.extra(meta, hf)
     return hf
@@ -233,8 +233,9 @@ def dequantized(tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> Ten
     expected = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
     if values.size != int(np.prod(expected)):
         raise CheckpointError(f"{name}: tensor {tensor.name} holds {values.size} values, its shape says {expected}")
-    # copy=True: never a view of the read-only memory map (and float32 -> dtype in one pass)
-    return torch.from_numpy(np.array(values.reshape(expected), dtype=np.float32)).to(dtype)
+    # a float32 tensor is a view of the read-only memory map: copied then, never written through
+    values = np.require(values.reshape(expected), dtype=np.float32, requirements=["C", "W"])
+    return torch.from_numpy(values).to(dtype)
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, dict[str, Tensor], TextTokenizer]:
@@ -249,6 +250,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
             f"{name}: architecture {architecture!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     arch = ARCHITECTURES[architecture]
+    tokenizer = tokenizer_from_gguf(meta)  # before the tensors: a file without a vocabulary fails fast
     stored = {t.name: t for t in reader.tensors}
     try:
         hf = hf_settings(meta, arch, name, set(stored))
@@ -268,7 +270,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
         tensors[theirs] = t.T.contiguous() if transposed else t
     cfg, state = convert(hf, tensors, name)
     cfg.extra["gguf_architecture"] = architecture
-    return cfg, state, tokenizer_from_gguf(meta)
+    return cfg, state, tokenizer
 
 
 def _quantized(values: np.ndarray, kind: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
