@@ -102,10 +102,7 @@ def open_for_generation(path: str, tp: int) -> Transformer:
         raise ValueError(f"--tp {tp} needs as many processes; torchrun started {torch.distributed.get_world_size()}")
     if not own_format:
         return parallel.shard(open_model(path))  # GGUF and Hugging Face models are converted whole, then split
-    model = parallel.load_sharded(path)  # each process reads only its slices
-    if model.tokenizer is None and (Path(path) / "tokenizer.json").is_file():
-        model.tokenizer = TextTokenizer.load(path)
-    return model
+    return parallel.load_sharded(path)  # each process reads only its slices, and the tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

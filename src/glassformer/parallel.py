@@ -35,6 +35,7 @@ from glassformer.config import Config
 from glassformer.errors import GlassformerError, InputError
 from glassformer.hooks import ActivationCache
 from glassformer.model import Transformer
+from glassformer.tokenizer import directory_tokenizer
 
 Index = tuple[slice, ...]
 
@@ -324,7 +325,7 @@ def shard(model: Transformer, group: dist.ProcessGroup | None = None) -> Transfo
 def load_sharded(
     directory: str | Path, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
 ) -> Transformer:
-    """Open a glassformer checkpoint already split: each process reads only its own slices, onto
+    """Open a glassformer checkpoint already split (with its tokenizer): each process reads only its own slices, onto
     `device` (default: `local_device()`, this process's GPU under nccl)."""
     rank, world = _group_position(group)
     directory = Path(directory)
@@ -336,6 +337,7 @@ def load_sharded(
         state = local_state(cfg, model.state_dict(), lambda name, index: f.get_slice(name)[index], rank, world)
     _localize(model, group, rank, world)
     _assign(model, state)
+    model.tokenizer = directory_tokenizer(directory)
     return model.to(device if device is not None else local_device()).eval()
 
 
