@@ -12,6 +12,7 @@ llama.cpp stores the Q and K rows of Llama-architecture models permuted for its 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,8 +185,17 @@ class Reader(gguf.GGUFReader):
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
         if type(self.data) is not np.ndarray:
+            self._mapping = getattr(self.data, "_mmap", None)  # numpy's mmap.mmap object, to drop pages from
             self.data = self.data.view(np.ndarray)
         return super()._get(offset, dtype, count, override_order)
+
+    def drop_pages(self, tensor: gguf.ReaderTensor) -> None:
+        """Hand a tensor's pages of the file back to the kernel once it is dequantized: the mapped
+        file then never sits in memory whole beside the float32 weights (98 MB for SmolLM2)."""
+        if getattr(self, "_mapping", None) is None:
+            return
+        start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mapping.madvise(mmap.MADV_DONTNEED, start, int(tensor.data_offset) + int(tensor.n_bytes) - start)
 
 
 def open_reader(path: str | Path) -> gguf.GGUFReader:
@@ -262,6 +272,18 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
         )
     arch = ARCHITECTURES[architecture]
     tokenizer = tokenizer_from_gguf(meta)  # before the tensors: a file without a vocabulary fails fast
+    tensors, hf = hf_tensors(reader, arch, meta, dtype, name)
+    del reader, meta  # the parsed fields and the mapped file are not held while the weights are converted
+    cfg, state = convert(hf, tensors, name)
+    cfg.extra["gguf_architecture"] = architecture
+    return cfg, state, tokenizer
+
+
+def hf_tensors(
+    reader: Reader, arch: Architecture, meta: Mapping[str, Any], dtype: torch.dtype, name: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The file's tensors, dequantized and under their Hugging Face names (the Q/K permutation
+    undone, GPT-2's matrices transposed), and the Hugging Face config they fit."""
     stored = {t.name: t for t in reader.tensors}
     try:
         hf = hf_settings(meta, arch, name, set(stored))
@@ -270,18 +292,18 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
     to_hf = {ours: (theirs, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     unknown = sorted(set(stored) - set(to_hf))
     if unknown:
+        architecture = meta["general.architecture"]
         raise CheckpointError(f"{name}: tensors the {architecture} table does not know: {', '.join(unknown[:8])}")
     tensors = {}
     for gguf_name, tensor in stored.items():
         theirs, transposed = to_hf[gguf_name]
         t = dequantized(tensor, dtype, name)
+        reader.drop_pages(tensor)
         if arch.permuted_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = hf["num_attention_heads"] if ".attn_q." in gguf_name else hf["num_key_value_heads"]
             t = permute_qk(t, heads, inverse=True)
         tensors[theirs] = t.T.contiguous() if transposed else t
-    cfg, state = convert(hf, tensors, name)
-    cfg.extra["gguf_architecture"] = architecture
-    return cfg, state, tokenizer
+    return tensors, hf
 
 
 def _quantized(values: np.ndarray, kind: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:

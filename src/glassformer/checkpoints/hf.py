@@ -97,8 +97,10 @@ def convert(
     hf_config: dict[str, Any], tensors: dict[str, Tensor], name: str, live: bool = False
 ) -> tuple[Config, dict[str, Tensor]]:
     """A Hugging Face config and its tensors (full names) -> our Config and state dict. `live`: the
-    tensors belong to a running transformers model, so ours must be copies, never shared storage."""
+    tensors belong to a running transformers model, so ours must be copies, never shared storage.
+    Tensors combined into one (Q, K, V) leave `tensors` once combined, to bound the peak memory."""
     model_type, family = family_of(hf_config)
+    shared = {t.data_ptr() for t in tensors.values()} if live else set()  # before the conversion releases any
     get = HFState(tensors, family.prefixes, name)
     try:
         cfg = family.config(hf_config, get)
@@ -111,7 +113,6 @@ def convert(
         warnings.warn(f"{name}: {len(unused)} tensors the {model_type} conversion does not use: {listed}", stacklevel=3)
     # Memory-mapped files are copy-on-write, so their tensors are used as they are. Every weight ends
     # up contiguous: a transposed (in, out) view would make each product reorder it.
-    shared = {t.data_ptr() for t in tensors.values()} if live else set()
     state = {
         k: t.clone(memory_format=torch.contiguous_format) if t.data_ptr() in shared else t.contiguous()
         for k, t in state.items()

@@ -46,19 +46,28 @@ class HFState:
 
     def __init__(self, tensors: dict[str, Tensor], prefixes: Sequence[str], source: str) -> None:
         self.tensors, self.prefixes, self.source = tensors, ("", *prefixes), source
-        self.read: set[str] = set()  # the names the conversion found
+        self.read: dict[str, int] = {}  # the full names the conversion found, and their storage
 
     def find(self, name: str) -> Tensor | None:
         for prefix in self.prefixes:
             if prefix + name in self.tensors:
-                self.read.add(prefix + name)
-                return self.tensors[prefix + name]
+                tensor = self.tensors[prefix + name]
+                self.read[prefix + name] = tensor.data_ptr()
+                return tensor
         return None
+
+    def release(self, names: Sequence[str]) -> None:
+        """Let go of tensors already combined into a new one (Q, K, V stacked), so that the separate
+        parts and the whole are not all held at once while a model converts."""
+        for name in names:
+            for prefix in self.prefixes:
+                if prefix + name in self.read:
+                    self.tensors.pop(prefix + name, None)
 
     def unused(self) -> list[str]:
         """Tensors the conversion never read: not the buffers transformers saves beside the weights
         (causal masks, position ids, rotary tables), nor a tied copy of a tensor it did read."""
-        read_storage = {self.tensors[n].data_ptr() for n in self.read}
+        read_storage = set(self.read.values())
         return sorted(
             n
             for n, t in self.tensors.items()
@@ -77,8 +86,14 @@ def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def map_rows(get: HFState, rows: Sequence[Row], cfg: Config, ours: str = "", theirs: str = "") -> dict[str, Tensor]:
-    """Their tensors -> ours, by a table; `ours`/`theirs` prefix each side's names (one layer's, say)."""
-    return {ours + mine: t.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg) for mine, names, t in rows}
+    """Their tensors -> ours, by a table; `ours`/`theirs` prefix each side's names (one layer's, say).
+    Tensors combined into one are released as soon as the combination exists."""
+    out = {}
+    for mine, names, transform in rows:
+        out[ours + mine] = transform.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg)
+        if not isinstance(names, str):
+            get.release([theirs + n for n in names])
+    return out
 
 
 def unmap_rows(
@@ -124,6 +139,8 @@ def map_biases(
         found = tuple(get.find(theirs + n) for n in _names(names))
         missing = any(t is None for t in found)
         out[ours + mine] = zeros_like_bias(bias_sizes(cfg)[mine], like) if missing else transform.to_ours(found, cfg)
+        if not isinstance(names, str):
+            get.release([theirs + n for n in names])
     return out
 
 
