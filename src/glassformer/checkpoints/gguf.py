@@ -178,6 +178,15 @@ def permute_qk(w: Tensor, n_heads: int, inverse: bool = False) -> Tensor:
     return w.reshape(*split, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def magic(path: Path) -> bytes:
+    """The first bytes of a file, as many as the GGUF magic has."""
+    with open(path, "rb") as f:
+        return f.read(len(GGUF_MAGIC))
+
+
 class Reader(gguf.GGUFReader):
     """The `gguf` package's reader, parsing a plain ndarray view of its memory map: the same bytes,
     without `numpy.memmap`'s cost on each of the ~250,000 small slices that a 49k-token vocabulary
@@ -203,10 +212,9 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file (from_gguf reads a local .gguf file)")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CheckpointError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+    start = magic(path)
+    if start != GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {start!r}, not {GGUF_MAGIC!r}")
     try:
         return Reader(path)
     except Exception as err:  # the reader raises ValueError, IndexError, struct.error … on damaged files
