@@ -471,6 +471,20 @@ def header(path: Path) -> None:
     print(f"file: {path} ({path.stat().st_size / MB:.1f} MB)")
 
 
+def timed(
+    fns: dict[str, Callable[[Any], Any]], label: str, inputs: Any, n_rounds: int, patience: float, first: Any
+) -> dict:
+    """Round-robin rounds of each library's call: first calls, medians, every time, dropped rounds."""
+    cases, dropped = rounds(fns, label, inputs, n_rounds, patience)
+    return {
+        "first": first,
+        "median": {n: med(c, label) for n, c in cases.items()},
+        "times": {n: c.times[label] for n, c in cases.items()},
+        "rounds": n_rounds,
+        "dropped": dropped,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -524,16 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         f"top-1 agrees at {100 * r['agreement']['top1_agreement']:.1f}% of {PREFILL} positions"
     )
     label = f"1x{PREFILL}"
-    cases, dropped = rounds(prefill, label, models.prefill, args.rounds, args.patience)
-    median = {n: med(c, label) for n, c in cases.items()}
-    r["prefill"] = {
-        "first": first,
-        "median": median,
-        "times": {n: c.times[label] for n, c in cases.items()},
-        "rounds": args.rounds,
-        "dropped": dropped,
-        "ratio": median["glassformer"] / median["transformers"],
-    }
+    r["prefill"] = timed(prefill, label, models.prefill, args.rounds, args.patience, first)
+    r["prefill"]["ratio"] = r["prefill"]["median"]["glassformer"] / r["prefill"]["median"]["transformers"]
 
     print(f"\ngreedy decode, prompt {PROMPT} + {args.new} new:")
     generate = generate_fns(models, args.new)
@@ -541,23 +547,15 @@ def main(argv: list[str] | None = None) -> None:
     same, at = compare_tokens(generate["glassformer"](models.prompt), generate["transformers"](models.prompt))
     print(f"  same tokens: {same}" + ("" if same else f" (first difference at new token {at})"))
     label = f"decode {PROMPT}+{args.new}"
-    cases, dropped = rounds(generate, label, models.prompt, args.decode_rounds, args.patience)
-    median = {n: med(c, label) for n, c in cases.items()}
-    r["decode"] = {
-        "first": first,
-        "median": median,
-        "times": {n: c.times[label] for n, c in cases.items()},
-        "rounds": args.decode_rounds,
-        "dropped": dropped,
-        "same": same,
-        "first_difference": at,
-        "ratio": median["transformers"] / median["glassformer"],
-    }
+    r["decode"] = timed(generate, label, models.prompt, args.decode_rounds, args.patience, first)
+    median = r["decode"]["median"]
+    r["decode"] |= {"same": same, "first_difference": at, "ratio": median["transformers"] / median["glassformer"]}
     r["steps"] = step_times(models, args.new)
     check_quiet("after the run", quiet)
     r["busy"] = quiet
 
-    print(f"\n### Results (rounds dropped as contended: prefill {r['prefill']['dropped']}, decode {dropped})\n")
+    dropped = f"prefill {r['prefill']['dropped']}, decode {r['decode']['dropped']}"
+    print(f"\n### Results (rounds dropped as contended: {dropped})\n")
     print(results_table(r))
     print("\n### Against the machine's limits\n")
     print(bounds_table(r))
