@@ -14,8 +14,12 @@ from typing import Any
 ARCHS = ("encoder", "decoder", "encoder-decoder")
 POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm", "none")
-NORM_POSITIONS = ("pre", "post")
-ACTS = ("relu", "gelu", "gelu_new", "silu", "swiglu")
+# pre: x + cell(norm(x)); post: norm(x + cell(x)); sandwich (Gemma 2/3): x + norm_post(cell(norm(x)));
+# output (OLMo 2): x + norm_post(cell(x)).
+NORM_POSITIONS = ("pre", "post", "sandwich", "output")
+ACTS = ("relu", "gelu", "gelu_new", "silu", "swiglu", "geglu")  # geglu: tanh-GELU gate (Gemma, T5 v1.1)
+LAYER_TYPES = ("full", "sliding")  # attention over every earlier key, or over the last sliding_window keys
+QK_NORMS = ("none", "head", "projection")  # RMSNorm of q and k: per head (Qwen3, Gemma 3) or whole (OLMo 2)
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -55,6 +59,13 @@ class Config:
     positional: str = "learned"
     rotary_base: float = 10000.0
     rotary_dim: int | None = None  # rotated dims per head; defaults to d_head (partial rotary if less)
+    rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None = rotary_base
+    sliding_window: int | None = None  # keys a query sees in a "sliding" layer, itself included
+    layer_types: list[str] | None = None  # per layer "full" or "sliding"; defaults to all sliding with a window
+    attn_scale: float | None = None  # multiplies q·k; None = 1/sqrt(d_head) (Gemma: query_pre_attn_scalar^-1/2)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    qk_norm: str = "none"  # RMSNorm of q and k before rotary: "head" (over d_head) or "projection" (all heads)
     norm: str = "layernorm"
     norm_position: str = "pre"
     eps: float = 1e-5
@@ -78,10 +89,16 @@ class Config:
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("act", self.act, ACTS)
+        _choice("qk_norm", self.qk_norm, QK_NORMS)
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
             _positive(name, getattr(self, name))
         for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
             _number(name, getattr(self, name))
+        for name in ("rotary_base_local", "attn_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name))
+                if not getattr(self, name) > 0:
+                    raise ValueError(f"Config.{name}={getattr(self, name)!r} must be positive (or None)")
         flags = ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias", "tie_embeddings")
         for name in flags:
             _flag(name, getattr(self, name))
@@ -115,6 +132,9 @@ class Config:
             raise ValueError(f"Config.dropout={self.dropout!r} must be in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"Config.eps={self.eps!r} must be positive")
+        self._check_layer_types()
+        if self.norm_position in ("sandwich", "output") and self.arch == "encoder-decoder":
+            raise ValueError(f"Config.norm_position={self.norm_position!r} is for single-stack models")
         if self.parallel_attn_mlp and (self.norm_position != "pre" or self.attn_only or self.arch == "encoder-decoder"):
             raise ValueError(
                 "Config.parallel_attn_mlp=True needs norm_position='pre', an MLP (attn_only=False) and a single "
@@ -131,10 +151,32 @@ class Config:
         if not self.rotary_base > 0:
             raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
 
+    def _check_layer_types(self) -> None:
+        """Fill `layer_types` (all "sliding" when there is a window, else all "full") and check it."""
+        if self.sliding_window is not None:
+            _positive("sliding_window", self.sliding_window)
+            if self.arch != "decoder":
+                raise ValueError("Config.sliding_window applies to causal self-attention: arch must be 'decoder'")
+        if self.layer_types is None:
+            self.layer_types = ["full" if self.sliding_window is None else "sliding"] * self.n_layers
+        self.layer_types = list(self.layer_types)
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(f"Config.layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}")
+        for kind in self.layer_types:
+            _choice("layer_types[…]", kind, LAYER_TYPES)
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise ValueError("Config.layer_types has 'sliding' layers but sliding_window is None")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        return self.sliding_window if self.layer_types[layer] == "sliding" else None
+
     @property
     def gated(self) -> bool:
-        """Whether the MLP has a gate (SwiGLU: `silu(x @ W_gate) * (x @ W_in)`)."""
-        return self.act == "swiglu"
+        """Whether the MLP has a gate (SwiGLU `silu(x @ W_gate) * (x @ W_in)`, or GeGLU with tanh-GELU)."""
+        return self.act in ("swiglu", "geglu")
 
     @property
     def n_groups(self) -> int:

@@ -34,9 +34,12 @@ from glassformer.text import Text, TextIO, generate_text, is_text, stream_text
 from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 
 
-def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
+def add_stack(
+    module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: dict[str, Rotary] | None
+) -> None:
     """Give `module` the parts of a stack: its positions (and segment types), embedding hooks,
-    `blocks` and `ln_final`. The token embedding itself is the model's, shared by both stacks."""
+    `blocks` and `ln_final`. The token embedding itself is the model's, shared by both stacks.
+    `rotary` maps a layer type ("full", "sliding") to the rotary cell its layers use."""
     module.hook_embed = HookPoint()  # (batch, pos, d_model)
     module.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
     if module.pos_embed is not None:
@@ -45,15 +48,31 @@ def add_stack(module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross
     if cfg.n_token_types:
         module.hook_token_type_embed = HookPoint()  # (batch, pos, d_model)
     module.ln_embed = make_norm(cfg) if cfg.embed_norm else nn.Identity()
-    module.blocks = nn.ModuleList(Block(cfg, causal, cross, rotary) for _ in range(n_layers))
-    # Post-norm blocks end normalised already; pre-norm stacks need a last norm before the head.
-    module.ln_final = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+    kinds = ["full" if cfg.window(i) is None else "sliding" for i in range(n_layers)]
+    module.blocks = nn.ModuleList(
+        Block(cfg, causal, cross, None if rotary is None else rotary[kind], cfg.window(i))
+        for i, kind in enumerate(kinds)
+    )
+    # Post-norm blocks end normalised already; other stacks need a last norm before the head.
+    module.ln_final = make_norm(cfg) if cfg.norm_position != "post" else nn.Identity()
+
+
+def rotary_cells(cfg: Config) -> dict[str, Rotary] | None:
+    """The rotary cell of full-attention layers and of sliding-window ones (the same one unless
+    the sliding layers have their own base, as in Gemma 3), each shared by its layers."""
+    if cfg.positional != "rotary":
+        return None
+    full = Rotary(cfg)
+    local = full if cfg.rotary_base_local is None else Rotary(cfg, base=cfg.rotary_base_local)
+    return {"full": full, "sliding": local}
 
 
 class Stack(nn.Module):
     """The encoder or the decoder of an encoder-decoder model."""
 
-    def __init__(self, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: Rotary | None) -> None:
+    def __init__(
+        self, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: dict[str, Rotary] | None
+    ) -> None:
         super().__init__()
         add_stack(self, cfg, n_layers, causal, cross, rotary)
 
@@ -65,7 +84,7 @@ class Transformer(TextIO, HookedRoot):
         super().__init__()
         self.cfg = cfg
         self.embed = Embed(cfg)
-        rotary = Rotary(cfg) if cfg.positional == "rotary" else None
+        rotary = rotary_cells(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.arch == "encoder-decoder":
             self.encoder = Stack(cfg, cfg.n_layers, causal=False, cross=False, rotary=rotary)

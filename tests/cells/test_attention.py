@@ -26,10 +26,10 @@ def make_cfg(**overrides) -> gf.Config:
 
 
 @torch.no_grad()
-def make_attention(cfg: gf.Config, causal: bool, seed: int = 0) -> Attention:
+def make_attention(cfg: gf.Config, causal: bool, seed: int = 0, window: int | None = None) -> Attention:
     """A standalone attention cell with O(1) random weights and biases."""
     rotary = Rotary(cfg) if cfg.positional == "rotary" else None
-    attn = Attention(cfg, causal=causal, rotary=rotary).eval()
+    attn = Attention(cfg, causal=causal, rotary=rotary, window=window).eval()
     gen = torch.Generator().manual_seed(seed)
     for param in attn.parameters():
         param.copy_(0.5 * torch.randn(param.shape, generator=gen))
@@ -67,33 +67,54 @@ def ref_rope(x: torch.Tensor, positions: torch.Tensor, cfg: gf.Config) -> torch.
     return torch.cat([rot * cos + torch.cat([-x2, x1], -1) * sin, rest], -1)
 
 
+def ref_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in float64."""
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.detach().double()
+
+
 def ref_attention(attn: Attention, cfg: gf.Config, x, kv, causal, key_valid=None, positions=None):
     """Naive float64 attention from the TransformerLens weights, one query head at a time; head h
-    reads key/value head h // (n_heads / n_kv_heads). Returns (output, pattern (batch, heads, q, k))."""
+    reads key/value head h // (n_heads / n_kv_heads). With the config's q/k RMSNorm, sliding window,
+    score scale and soft-cap. Returns (output, pattern (batch, heads, q, k))."""
     W_Q, W_K, W_V, W_O = (w.detach().double() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O))
 
     def bias(name: str, w: torch.Tensor) -> torch.Tensor:  # (heads, d_head); zero without biases
         b = getattr(attn, name)
         return b.detach().double() if cfg.bias else torch.zeros(w.shape[0], w.shape[2], dtype=torch.float64)
 
-    b_Q, b_K, b_V = bias("b_Q", W_Q), bias("b_K", W_K), bias("b_V", W_V)
+    def project(inp, W, b, norm):  # (batch, pos, heads, d_head), through the q/k norm if any
+        out = torch.einsum("bpd,hde->bphe", inp, W) + b
+        if cfg.qk_norm == "head":
+            out = ref_norm(out, norm.w, cfg.eps)
+        elif cfg.qk_norm == "projection":
+            out = ref_norm(out.flatten(2), norm.w, cfg.eps).view_as(out)
+        return out
+
     x, kv = x.double(), kv.double()
+    Q = project(x, W_Q, bias("b_Q", W_Q), attn.q_norm)
+    K = project(kv, W_K, bias("b_K", W_K), attn.k_norm)
+    V = torch.einsum("bpd,hde->bphe", kv, W_V) + bias("b_V", W_V)
     batch, q_len, k_len = x.shape[0], x.shape[1], kv.shape[1]
     allowed = torch.ones(batch, q_len, k_len, dtype=torch.bool)
     if causal:  # queries are the last q_len of the k_len positions
         allowed &= torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        if attn.window is not None:  # and see only the last `window` keys, themselves included
+            allowed &= ~torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len - attn.window)
     if key_valid is not None:
         allowed &= key_valid[:, None, :]
     allowed |= ~allowed.any(-1, keepdim=True)  # a query that sees nothing may see everything
+    scale = 1 / math.sqrt(cfg.d_head) if cfg.attn_scale is None else cfg.attn_scale
     out = torch.zeros(batch, q_len, cfg.d_model, dtype=torch.float64)
     patterns = []
     for h in range(cfg.n_heads):
         g = h // cfg.n_groups
-        q, k, v = x @ W_Q[h] + b_Q[h], kv @ W_K[g] + b_K[g], kv @ W_V[g] + b_V[g]
+        q, k, v = Q[:, :, h], K[:, :, g], V[:, :, g]
         if cfg.positional == "rotary":
             q, k = ref_rope(q, positions, cfg), ref_rope(k, positions, cfg)
-        scores = (q @ k.transpose(1, 2) / math.sqrt(cfg.d_head)).masked_fill(~allowed, float("-inf"))
-        pattern = scores.softmax(-1)  # (batch, q_pos, k_pos)
+        scores = q @ k.transpose(1, 2) * scale
+        if cfg.attn_softcap is not None:
+            scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
+        pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (batch, q_pos, k_pos)
         patterns.append(pattern)
         out += pattern @ v @ W_O[h]
     if cfg.bias:
@@ -211,7 +232,7 @@ def test_weight_view_assignment_checks_shape_and_copies():
 
 @st.composite
 def attention_cases(draw):
-    """(cfg, causal, cross, x, kv_input or None, key_valid or None, positions or None)."""
+    """(cfg, causal, window, x, kv_input or None, key_valid or None, positions or None)."""
     n_heads = draw(st.integers(1, 4))
     d_head = draw(st.integers(2, 8))
     cross = draw(st.booleans())
@@ -227,8 +248,12 @@ def attention_cases(draw):
         positional="rotary" if rotary else "none",
         rotary_dim=draw(st.sampled_from(range(d_head - d_head % 2, 1, -2))) if rotary else None,  # full first
         bias=draw(st.booleans()),
+        qk_norm=draw(st.sampled_from(["none", "head", "projection"])),
+        attn_scale=draw(st.sampled_from([None, 0.3])),
+        attn_softcap=draw(st.sampled_from([None, 0.7, 5.0])),
     )
     causal = not cross and draw(st.booleans())
+    window = draw(st.sampled_from([None, 1, 2, 4])) if causal else None
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     batch, q_len = draw(st.integers(1, 3)), draw(st.integers(1, 6))
     k_len = draw(st.integers(1, 6)) if cross else q_len
@@ -241,7 +266,7 @@ def attention_cases(draw):
     if rotary:  # positions that count real tokens, as the model derives them from a padding mask
         valid = key_valid if key_valid is not None else torch.ones(batch, k_len, dtype=torch.bool)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    return cfg, causal, x, kv_input, key_valid, positions
+    return cfg, causal, window, x, kv_input, key_valid, positions
 
 
 @settings(max_examples=60, deadline=None)
@@ -251,8 +276,8 @@ def test_fused_explicit_result_and_reference_agree(case, seed):
     rotary: the fused SDPA output, the explicit path (forced by hooking hook_pattern or only
     hook_attn_scores), the per-head result path and a naive float64 reference agree to float32
     rounding; the explicit path's pattern equals the reference pattern."""
-    cfg, causal, x, kv_input, key_valid, positions = case
-    attn = make_attention(cfg, causal, seed)
+    cfg, causal, window, x, kv_input, key_valid, positions = case
+    attn = make_attention(cfg, causal, seed, window)
     mask = AttentionMask(key_valid)
     expected, expected_pattern = ref_attention(
         attn, cfg, x, x if kv_input is None else kv_input, causal, key_valid, positions
@@ -272,8 +297,8 @@ def test_fused_explicit_result_and_reference_agree(case, seed):
 def test_pattern_is_a_masked_distribution(case, seed):
     """Each pattern row sums to one, is exactly zero on masked keys (future or padding) and finite;
     scores are -inf exactly where the pattern is masked."""
-    cfg, causal, x, kv_input, key_valid, positions = case
-    attn = make_attention(cfg, causal, seed)
+    cfg, causal, window, x, kv_input, key_valid, positions = case
+    attn = make_attention(cfg, causal, seed, window)
     _, acts = run(attn, x, AttentionMask(key_valid), positions, kv_input, watch=("hook_attn_scores", "hook_pattern"))
     pattern, scores = acts["hook_pattern"], acts["hook_attn_scores"]
     assert torch.isfinite(pattern).all()
@@ -282,6 +307,8 @@ def test_pattern_is_a_masked_distribution(case, seed):
     allowed = torch.ones(pattern.shape[0], 1, q_len, k_len, dtype=torch.bool)
     if causal:
         allowed &= torch.ones(q_len, k_len, dtype=torch.bool).tril()
+        if window is not None:
+            allowed &= ~torch.ones(q_len, k_len, dtype=torch.bool).tril(-window)
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
     allowed |= ~allowed.any(-1, keepdim=True)

@@ -15,6 +15,9 @@ CONFIGS = {
     "decoder-post-sinusoidal": dict(norm_position="post", positional="sinusoidal", act="relu"),
     "decoder-rotary-gqa-swiglu": dict(positional="rotary", n_kv_heads=2, act="swiglu", norm="rmsnorm", bias=False),
     "decoder-attn-only-nonorm": dict(attn_only=True, norm="none", positional="none"),
+    "decoder-sandwich-geglu": dict(norm_position="sandwich", norm="rmsnorm", act="geglu", positional="rotary"),
+    "decoder-output-norm-qk": dict(norm_position="output", norm="rmsnorm", qk_norm="projection", bias=False),
+    "decoder-sliding-softcap": dict(sliding_window=2, layer_types=["sliding", "full"], attn_softcap=3.0),
     "encoder-post": dict(arch="encoder", norm_position="post"),
     "encoder-rotary-mqa": dict(arch="encoder", positional="rotary", n_kv_heads=1),
 }
@@ -92,6 +95,33 @@ def test_post_norm_wiring():
     post = layernorm(cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"], ln2)
     torch.testing.assert_close(cache[b + "hook_resid_post"], post, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[b + "hook_resid_post"], cache[b + "ln2.hook_normalized"])
+
+
+def test_sandwich_norm_wiring():
+    """Sandwich (Gemma 2/3): each cell reads ln(resid) and what it adds is its output through
+    ln_post: attn_out = ln1_post(attn(ln1(resid_pre))), mlp_out = ln2_post(mlp(ln2(resid_mid)))."""
+    model = make_model(norm_position="sandwich", norm="rmsnorm")
+    cache = cached_run(model)
+    b, block = "blocks.0.", model.blocks[0]
+    torch.testing.assert_close(cache[b + "hook_attn_out"], cache[b + "ln1_post.hook_normalized"])
+    torch.testing.assert_close(cache[b + "hook_mlp_out"], cache[b + "ln2_post.hook_normalized"])
+    with torch.no_grad():
+        attn_out = block.ln1_post(block.attn(block.ln1(cache[b + "hook_resid_pre"])))
+    torch.testing.assert_close(cache[b + "hook_resid_mid"], cache[b + "hook_resid_pre"] + attn_out)
+    torch.testing.assert_close(cache[b + "hook_resid_post"], cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"])
+
+
+def test_output_norm_wiring():
+    """Output norm (OLMo 2): the cells read the raw stream, their outputs are normed before the add."""
+    model = make_model(norm_position="output", norm="rmsnorm", bias=False)
+    cache = cached_run(model)
+    b, block = "blocks.0.", model.blocks[0]
+    assert not hasattr(block.ln1, "hook_normalized")  # no norm before the cell
+    with torch.no_grad():
+        q = torch.einsum("bpd,hde->bphe", cache[b + "hook_resid_pre"], block.attn.W_Q)
+    torch.testing.assert_close(cache[b + "attn.hook_q"], q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[b + "hook_attn_out"], cache[b + "ln1_post.hook_normalized"])
+    torch.testing.assert_close(cache[b + "hook_resid_post"], cache[b + "hook_resid_mid"] + cache[b + "hook_mlp_out"])
 
 
 def test_block_rejects_a_residual_of_the_wrong_width():

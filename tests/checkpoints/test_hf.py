@@ -45,7 +45,11 @@ def build(family):
             t.LlamaConfig(**{**SMALL_LLAMA, "num_key_value_heads": 1}, tie_word_embeddings=True, attention_bias=True)
         ),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL_LLAMA)),
-        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=None)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=5)),
+        "mistral-unwindowed": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=None)),
+        "qwen2-sliding": lambda: t.Qwen2ForCausalLM(
+            t.Qwen2Config(**SMALL_LLAMA, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        ),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -93,7 +97,20 @@ SEQ2SEQ = dict(
     pad_token_id=1,
     decoder_start_token_id=2,
 )
-DECODERS = ["gpt2", "gpt2-untied-relu", "llama", "llama-mqa-tied", "qwen2", "mistral", "pythia", "neox-sequential"]
+DECODERS = [
+    "gpt2",
+    "gpt2-untied-relu",
+    "llama",
+    "llama-mqa-tied",
+    "qwen2",
+    "qwen2-sliding",
+    "mistral",
+    "mistral-unwindowed",
+    "pythia",
+    "neox-sequential",
+]
+# Families whose attention slides: decoding must cross the window.
+WINDOWED = ["mistral", "qwen2-sliding"]
 FAMILIES = DECODERS
 
 
@@ -330,6 +347,33 @@ def test_greedy_generation_matches_transformers(family):
         prompt, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None
     )
     assert torch.equal(model.generate(prompt, 15, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("family", WINDOWED)
+def test_greedy_generation_crosses_the_sliding_window_as_transformers_does(family):
+    """48 new tokens with windows of 4-5 keys: prefill and every KV-cache step beyond the window."""
+    hf = build(family)
+    model = gf.Transformer.from_hf(hf)
+    prompt = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    expected = hf.generate(
+        prompt, attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(model.generate(prompt, 48, attention_mask=mask), expected)
+
+
+def test_a_sliding_window_is_not_the_context_length():
+    """A new user's Mistral: the window (5) limits what each query sees, not how long a prompt may be."""
+    hf = build("mistral")
+    model = gf.Transformer.from_hf(hf)
+    assert (model.cfg.n_ctx, model.cfg.sliding_window, model.cfg.layer_types) == (64, 5, ["sliding"] * 3)
+    tokens = torch.randint(0, 101, (1, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+        _, cache = model.run_with_cache(tokens)
+    pattern = cache["pattern", 0][0, 0]  # (q_pos, k_pos)
+    assert torch.equal(pattern > 0, torch.ones(19, 19).tril().triu(-4).bool())  # itself and the 4 before
 
 
 def test_greedy_generation_matches_transformers_encoder_decoder():

@@ -1,7 +1,8 @@
 """Cells 3-6 and 10, attention: Q/K/V projections, scores, mask, softmax, weighted sum, W_O merge.
 
 Fast by default, visible on request: the fused kernel (`scaled_dot_product_attention`) runs unless
-someone hooks `hook_attn_scores` or `hook_pattern`; the per-head `result` (n_heads times larger
+someone hooks `hook_attn_scores` or `hook_pattern`, or the scores are soft-capped (Gemma 2: the
+kernel cannot); the per-head `result` (n_heads times larger
 than the merged output) exists only when `hook_result` is hooked.
 
 Legend: batch, pos (queries), k_pos (keys), n_heads, n_kv_heads, d_head, d_model.
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from glassformer.cells.norm import Norm
 from glassformer.cells.position import Rotary
 from glassformer.cells.views import WeightView
 from glassformer.config import Config
@@ -29,22 +31,27 @@ class AttentionMask:
 
     `key_valid` is `(batch, k_pos)` bool, or None when no key is padding. `q_slots` (pos,) place the
     queries among the keys for the causal order (decoding with a KV cache); by default the queries
-    are the last q_pos of the k_pos keys. A query with no visible key (a padding query under left
-    padding) is allowed every key, so its row stays finite.
+    are the last q_pos of the k_pos keys. A sliding window keeps, of the causal keys, the last
+    `window` slots (the query's own included). A query with no visible key (a padding query under
+    left padding) is allowed every key, so its row stays finite.
     """
 
     def __init__(self, key_valid: Tensor | None, q_slots: Tensor | None = None) -> None:
         self.key_valid, self.q_slots = key_valid, q_slots
-        self._dense: dict[tuple[bool, int, int], Tensor | None] = {}
+        self._dense: dict[tuple[bool, int, int, int | None], Tensor | None] = {}
 
-    def allowed(self, causal: bool, q_len: int, k_len: int, device: torch.device) -> Tensor | None:
+    def allowed(
+        self, causal: bool, q_len: int, k_len: int, device: torch.device, window: int | None = None
+    ) -> Tensor | None:
         """(batch or 1, 1, q_pos, k_pos) bool, or None when every key is visible to every query."""
-        key = (causal, q_len, k_len)
+        key = (causal, q_len, k_len, window)
         if key not in self._dense:
             mask = None
             if causal:
                 q_idx = self.q_slots if self.q_slots is not None else torch.arange(k_len - q_len, k_len, device=device)
-                mask = (torch.arange(k_len, device=device)[None, :] <= q_idx[:, None])[None, None]  # (1, 1, pos, k_pos)
+                distance = q_idx[:, None] - torch.arange(k_len, device=device)[None, :]  # (pos, k_pos)
+                mask = distance >= 0 if window is None else (distance >= 0) & (distance < window)
+                mask = mask[None, None]  # (1, 1, pos, k_pos)
             if self.key_valid is not None:
                 keys = self.key_valid[:, None, None, :]  # (batch, 1, 1, k_pos)
                 mask = keys if mask is None else mask & keys  # (batch, 1, pos, k_pos)
@@ -55,14 +62,16 @@ class AttentionMask:
 
 class Attention(nn.Module):
     """Multi-head (or grouped-query) attention; self-attention, or cross-attention reading K/V from
-    another sequence (the encoder output)."""
+    another sequence (the encoder output). `window`: a sliding-window layer sees only the last
+    `window` keys."""
 
-    def __init__(self, cfg: Config, causal: bool, rotary: Rotary | None = None) -> None:
+    def __init__(self, cfg: Config, causal: bool, rotary: Rotary | None = None, window: int | None = None) -> None:
         super().__init__()
-        self.causal = causal
+        self.causal, self.window = causal, window
         self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.q_size, self.kv_size = cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head
-        self.scale = 1.0 / math.sqrt(cfg.d_head)
+        self.scale = 1.0 / math.sqrt(cfg.d_head) if cfg.attn_scale is None else cfg.attn_scale
+        self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         # Q, K and V stored as one (out_features, in_features) matrix: one matmul on the hot path.
         self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, cfg.d_model))
@@ -75,10 +84,17 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # (batch, pos, n_heads, d_head)
         self.hook_k = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
         self.hook_v = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
+        # q/k RMSNorm (Qwen3, Gemma 3: over each head's d_head; OLMo 2: over the whole projection).
+        self.qk_norm_heads = cfg.qk_norm == "head"
+        with_qk_norm = cfg.qk_norm != "none"
+        self.q_norm = Norm(cfg, cfg.d_head if self.qk_norm_heads else self.q_size, rms=True) if with_qk_norm else None
+        self.k_norm = Norm(cfg, cfg.d_head if self.qk_norm_heads else self.kv_size, rms=True) if with_qk_norm else None
         if rotary is not None:
             self.hook_rot_q = HookPoint()  # (batch, pos, n_heads, d_head), after rotation
             self.hook_rot_k = HookPoint()  # (batch, k_pos, n_kv_heads, d_head)
         self.hook_attn_scores = HookPoint()  # (batch, n_heads, pos, k_pos), scaled and masked
+        if self.softcap is not None:
+            self.hook_attn_scores_capped = HookPoint()  # (batch, n_heads, pos, k_pos), cap·tanh(scores/cap)
         self.hook_pattern = HookPoint()  # (batch, n_heads, pos, k_pos), softmax of the scores
         self.hook_z = HookPoint()  # (batch, pos, n_heads, d_head)
         self.hook_result = HookPoint()  # (batch, pos, n_heads, d_model), each head's write
@@ -148,15 +164,22 @@ class Attention(nn.Module):
         q = linear(x, self.qkv_weight[: self.q_size], self._part(self.qkv_bias, 0, self.q_size))
         return q.view(*x.shape[:2], self.n_heads, self.d_head)
 
+    def normalize(self, norm: Norm, x: Tensor) -> Tensor:
+        """q or k `(batch, pos, heads, d_head)` through its RMSNorm: per head, or over the whole projection."""
+        return norm(x) if self.qk_norm_heads else norm(x.flatten(2)).view_as(x)
+
     def keys_values(
         self, x: Tensor, positions: Tensor | None, kv_input: Tensor | None, cache: LayerKV | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """q `(batch, pos, n_heads, d_head)` and k, v head-first `(batch, n_kv_heads, k_pos, d_head)`:
         this step's keys, or every cached slot when decoding with a KV cache."""
         if cache is not None and cache.filled:  # cross-attention: the encoder's keys were cached
-            return self.hook_q(self.project_q(x)), cache.k, cache.v
+            q = self.hook_q(self.project_q(x))
+            return (q if self.q_norm is None else self.normalize(self.q_norm, q)), cache.k, cache.v
         q, k, v = self.project(x, kv_input)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.q_norm is not None:
+            q, k = self.normalize(self.q_norm, q), self.normalize(self.k_norm, k)
         if self.rotary is not None:
             q = self.hook_rot_q(self.rotary(q, positions))
             k = self.hook_rot_k(self.rotary(k, positions))
@@ -183,8 +206,8 @@ class Attention(nn.Module):
         mask = mask or AttentionMask(None)
         split_dropout = self.tp is not None and self.training and self.dropout > 0
         with self.tp.own_random_stream(x.device) if split_dropout else nullcontext():  # each process's heads
-            if self.hook_attn_scores.active or self.hook_pattern.active:
-                z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device))
+            if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
+                z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device, self.window))
             else:
                 z = self._fused(q, k, v, mask)
         z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
@@ -201,8 +224,10 @@ class Attention(nn.Module):
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""
-        is_causal = self.causal and mask.key_valid is None and q.shape[1] == k.shape[2]
-        allowed = None if is_causal else mask.allowed(self.causal, q.shape[1], k.shape[2], q.device)
+        q_len, k_len = q.shape[1], k.shape[2]
+        unwindowed = self.window is None or self.window >= k_len
+        is_causal = self.causal and mask.key_valid is None and q_len == k_len and unwindowed
+        allowed = None if is_causal else mask.allowed(self.causal, q_len, k_len, q.device, self.window)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
             k,  # (batch, n_kv_heads, k_pos, d_head)
@@ -226,6 +251,11 @@ class Attention(nn.Module):
         if allowed is not None:
             scores.masked_fill_(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)
+        if self.softcap is not None:  # tanh maps the masked -inf to -cap: mask again
+            scores = self.softcap * torch.tanh(scores / self.softcap)  # (batch, n_heads, pos, k_pos)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, -math.inf)
+            scores = self.hook_attn_scores_capped(scores)
         pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, n_heads, pos, k_pos)
         if self.training and self.dropout:
             pattern = F.dropout(pattern, self.dropout)

@@ -1,7 +1,9 @@
 """One transformer block: attention, (cross-attention,) MLP, each added to the residual stream.
 
-Pre-norm: `x = x + cell(norm(x))`. Post-norm: `x = norm(x + cell(x))`. The same block, configured,
-is the encoder layer, the decoder layer (with `cross=True`) and the attention-only layer.
+Pre-norm: `x = x + cell(norm(x))`. Post-norm: `x = norm(x + cell(x))`. Sandwich (Gemma 2/3):
+`x = x + norm_post(cell(norm(x)))`. Output norm (OLMo 2): `x = x + norm_post(cell(x))`. The same
+block, configured, is the encoder layer, the decoder layer (with `cross=True`), the attention-only
+layer and a sliding-window layer (`window`).
 Legend: batch, pos, d_model.
 """
 
@@ -25,15 +27,20 @@ from glassformer.kv_cache import LayerKV
 class Block(nn.Module):
     """Residual block; `block(resid)` runs it alone on a `(batch, pos, d_model)` stream."""
 
-    def __init__(self, cfg: Config, causal: bool, cross: bool = False, rotary: Rotary | None = None) -> None:
+    def __init__(
+        self, cfg: Config, causal: bool, cross: bool = False, rotary: Rotary | None = None, window: int | None = None
+    ) -> None:
         super().__init__()
         self.d_model = cfg.d_model
-        self.pre_norm = cfg.norm_position == "pre"
+        self.post_norm = cfg.norm_position == "post"
+        norm_before = cfg.norm_position != "output"  # the norm a cell reads through (Identity if none)
+        norm_after = cfg.norm_position in ("sandwich", "output")  # a norm of the cell's output
         self.parallel = cfg.parallel_attn_mlp
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_resid_pre = HookPoint()  # (batch, pos, d_model)
-        self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg, causal=causal, rotary=rotary)
+        self.ln1 = make_norm(cfg) if norm_before else nn.Identity()
+        self.attn = Attention(cfg, causal=causal, rotary=rotary, window=window)
+        self.ln1_post = make_norm(cfg) if norm_after else None
         self.hook_attn_out = HookPoint()  # (batch, pos, d_model)
         if not self.parallel:
             self.hook_resid_mid = HookPoint()  # (batch, pos, d_model)
@@ -44,7 +51,8 @@ class Block(nn.Module):
             self.hook_resid_mid_cross = HookPoint()  # (batch, pos, d_model)
         self.mlp = None if cfg.attn_only else MLP(cfg)
         if self.mlp is not None:
-            self.ln2 = make_norm(cfg)
+            self.ln2 = make_norm(cfg) if norm_before else nn.Identity()
+            self.ln2_post = make_norm(cfg) if norm_after else None
             self.hook_mlp_out = HookPoint()  # (batch, pos, d_model)
         self.hook_resid_post = HookPoint()  # (batch, pos, d_model): the next block's input
 
@@ -66,18 +74,27 @@ class Block(nn.Module):
             attn_out = self.drop(self.hook_attn_out(attend(self.ln1(resid))))
             mlp_out = self.drop(self.hook_mlp_out(self.mlp(self.ln2(resid))))
             return self.hook_resid_post(resid + attn_out + mlp_out)
-        resid = self.hook_resid_mid(self.add(resid, self.ln1, attend, self.hook_attn_out))
+        resid = self.hook_resid_mid(self.add(resid, self.ln1, attend, self.hook_attn_out, self.ln1_post))
         if self.cross_attn is not None:
             if encoder_out is None:
                 raise InputError("a decoder block with cross-attention needs encoder_out (batch, src_pos, d_model)")
             cross = partial(self.cross_attn, mask=encoder_mask, kv_input=encoder_out, cache=cross_cache)
             resid = self.hook_resid_mid_cross(self.add(resid, self.ln_cross, cross, self.hook_cross_attn_out))
         if self.mlp is not None:
-            resid = self.add(resid, self.ln2, self.mlp, self.hook_mlp_out)
+            resid = self.add(resid, self.ln2, self.mlp, self.hook_mlp_out, self.ln2_post)
         return self.hook_resid_post(resid)
 
-    def add(self, resid: Tensor, norm: nn.Module, cell: Callable[[Tensor], Tensor], hook: HookPoint) -> Tensor:
-        """One residual step: the cell reads the stream (normed first if pre-norm) and its output is added."""
-        if self.pre_norm:
-            return resid + self.drop(hook(cell(norm(resid))))
-        return norm(resid + self.drop(hook(cell(resid))))
+    def add(
+        self,
+        resid: Tensor,
+        norm: nn.Module,
+        cell: Callable[[Tensor], Tensor],
+        hook: HookPoint,
+        norm_post: nn.Module | None = None,
+    ) -> Tensor:
+        """One residual step: the cell reads the stream (through `norm`) and its output (through
+        `norm_post`, if any) is added; post-norm normalises the sum instead."""
+        if self.post_norm:
+            return norm(resid + self.drop(hook(cell(resid))))
+        out = cell(norm(resid))  # (batch, pos, d_model)
+        return resid + self.drop(hook(out if norm_post is None else norm_post(out)))

@@ -45,7 +45,8 @@ class TokenTypeEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """Cell 11: residual -> logits. With tied embeddings it reads W_E (W_U is then W_E.T)."""
+    """Cell 11: residual -> logits. With tied embeddings it reads W_E (W_U is then W_E.T); with
+    `final_softcap` the logits are squashed into (-cap, cap) by cap·tanh(logits / cap)."""
 
     def __init__(self, cfg: Config, embed: Embed) -> None:
         super().__init__()
@@ -60,6 +61,9 @@ class Unembed(nn.Module):
             self.ln_transform = Norm(cfg)
             self.hook_transformed = HookPoint()  # (batch, pos, d_model)
         self.head_transform = cfg.head_transform
+        self.softcap = cfg.final_softcap
+        if self.softcap is not None:
+            self.hook_logits_uncapped = HookPoint()  # (batch, pos, d_vocab), before cap·tanh(logits/cap)
 
     def _weight(self) -> Tensor:
         return self._tied[0].W_E if self.weight is None else self.weight
@@ -73,7 +77,10 @@ class Unembed(nn.Module):
         """Logits (batch, pos, d_vocab)."""
         if self.head_transform:
             x = self.hook_transformed(self.ln_transform(self.act(linear(x, self.transform_weight, self.b_transform))))
-        return linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
+        logits = linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
+        if self.softcap is None:
+            return logits
+        return self.softcap * torch.tanh(self.hook_logits_uncapped(logits) / self.softcap)  # Gemma 2
 
 
 class Pooler(nn.Module):

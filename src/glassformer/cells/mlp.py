@@ -1,5 +1,5 @@
-"""Cell 8, the feed-forward network: `act(x @ W_in + b_in) @ W_out + b_out`, or gated (SwiGLU):
-`(silu(x @ W_gate) * (x @ W_in + b_in)) @ W_out + b_out`.
+"""Cell 8, the feed-forward network: `act(x @ W_in + b_in) @ W_out + b_out`, or gated (SwiGLU, or
+GeGLU with the tanh GELU): `(silu(x @ W_gate) * (x @ W_in + b_in)) @ W_out + b_out`.
 
 Legend: batch, pos, d_model, d_mlp.
 """
@@ -23,6 +23,7 @@ ACTIVATIONS = {
     "gelu_new": partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
     "swiglu": F.silu,
+    "geglu": partial(F.gelu, approximate="tanh"),
 }
 
 
@@ -52,7 +53,7 @@ class MLP(nn.Module):
 
     @WeightView
     def W_gate(self) -> Tensor | None:
-        """(d_model, d_mlp), SwiGLU only"""
+        """(d_model, d_mlp), gated MLPs only"""
         return None if self.gate_weight is None else self.gate_weight.T
 
     @WeightView

@@ -17,14 +17,16 @@ from glassformer.hooks import HookPoint
 class Norm(nn.Module):
     """`(x - mean) / sqrt(var + eps) * w + b` (LayerNorm), or `x / sqrt(mean(x²) + eps) * w` (RMSNorm)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, size: int | None = None, rms: bool = False) -> None:
+        """Over the last `size` features (d_model unless given: q/k norms use d_head or the projection);
+        `rms` makes it an RMSNorm whatever `cfg.norm` says (q/k norms always are)."""
         super().__init__()
-        self.centre = cfg.norm == "layernorm"
+        self.centre = cfg.norm == "layernorm" and not rms
         self.eps = cfg.eps
-        self.w = nn.Parameter(torch.empty(cfg.d_model))
-        self.b = nn.Parameter(torch.empty(cfg.d_model)) if self.centre and cfg.bias else None
-        self.hook_scale = HookPoint()  # (batch, pos, 1)
-        self.hook_normalized = HookPoint()  # (batch, pos, d_model)
+        self.w = nn.Parameter(torch.empty(size or cfg.d_model))
+        self.b = nn.Parameter(torch.empty(size or cfg.d_model)) if self.centre and cfg.bias else None
+        self.hook_scale = HookPoint()  # (..., 1)
+        self.hook_normalized = HookPoint()  # (batch, pos, d_model), or the shape of what a q/k norm reads
 
     def forward(self, x: Tensor) -> Tensor:
         if self.hook_scale.active:

@@ -51,11 +51,12 @@ class Rotary(nn.Module):
     One instance is shared by every attention layer; its cos/sin tables are built once.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, base: float | None = None) -> None:
+        """`base` overrides `cfg.rotary_base` (Gemma 3's sliding-window layers have their own)."""
         super().__init__()
         self.rotary_dim = cfg.rotary_dim
         half = torch.arange(0, cfg.rotary_dim, 2, **TABLES) / cfg.rotary_dim
-        inv_freq = cfg.rotary_base**-half  # (rotary_dim / 2,)
+        inv_freq = (cfg.rotary_base if base is None else base) ** -half  # (rotary_dim / 2,)
         angles = torch.outer(torch.arange(cfg.n_ctx, **TABLES), inv_freq)  # (n_ctx, rotary_dim/2)
         angles = torch.cat([angles, angles], dim=-1)  # (n_ctx, rotary_dim)
         self.register_buffer("cos", angles.cos().float(), persistent=False)

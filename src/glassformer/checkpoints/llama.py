@@ -12,10 +12,12 @@ from glassformer.checkpoints.tables import (
     Family,
     HFState,
     fit,
+    hf_layer_types,
     map_biases,
     map_rows,
     require_zero,
     same,
+    sliding_layers,
     stacked,
     standard_sizes,
     unmap_rows,
@@ -53,13 +55,12 @@ def rope_theta(hf: dict[str, Any]) -> float:
 def config(hf: dict[str, Any], get: HFState) -> Config:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"Llama-family hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
-    sizes = standard_sizes(hf)
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
-    if window:  # attention within the window is full attention: cap the context there, never be silently wrong
-        sizes["n_ctx"] = min(sizes["n_ctx"], window)
+    # Mistral slides in every layer; Qwen2 (with use_sliding_window) from layer max_window_layers on.
+    first_sliding = hf.get("max_window_layers", 0) if hf["model_type"] == "qwen2" else 0
     return Config(
         arch="decoder",
-        **sizes,
+        **standard_sizes(hf),
+        **sliding_layers(hf, default=lambda i: i >= first_sliding),
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_head=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         positional="rotary",
@@ -99,7 +100,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     fit(
         cfg,
         "llama",
-        **PLAIN_DECODER,
+        **{**PLAIN_DECODER, "sliding_window": cfg.sliding_window},
         positional="rotary",
         rotary_dim=cfg.d_head,
         norm="rmsnorm",
@@ -110,8 +111,15 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     mlp_bias = nonzero(state, cfg, "mlp.b_in", "mlp.b_out")
     if nonzero(state, cfg, "attn.qkv_bias") and not (mlp_bias or nonzero(state, cfg, "attn.b_O")):
         model_type = "qwen2"  # Q/K/V biases only
+    elif cfg.sliding_window is not None:  # Mistral: every layer slides, no biases
+        if "full" in cfg.layer_types or attention_bias or mlp_bias:
+            raise CheckpointError("cannot be written as mistral: its layers all slide and it has no biases")
+        model_type = "mistral"
     else:
         model_type = "mistral" if cfg.extra.get("hf_model_type") == "mistral" and not attention_bias else "llama"
+    windows: dict[str, Any] = {"sliding_window": cfg.sliding_window, "use_sliding_window": bool(cfg.sliding_window)}
+    if cfg.sliding_window is not None and model_type == "qwen2":  # Mistral takes no layer_types (Ministral does)
+        windows |= {"layer_types": hf_layer_types(cfg), "max_window_layers": cfg.layer_types.index("sliding")}
     architecture = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
     return {
         "model_type": model_type,
@@ -131,8 +139,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
         "attention_bias": attention_bias,
         "mlp_bias": mlp_bias,
-        "sliding_window": None,
-        "use_sliding_window": False,
+        **windows,
         "attention_dropout": cfg.dropout,
     }
 

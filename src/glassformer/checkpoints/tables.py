@@ -161,7 +161,38 @@ PLAIN_DECODER = dict(
     n_token_types=0,
     head_transform=False,
     pooler=False,
+    sliding_window=None,
+    rotary_base_local=None,
+    attn_scale=None,
+    attn_softcap=None,
+    final_softcap=None,
+    qk_norm="none",
 )
+
+
+HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
+def sliding_layers(hf: dict[str, Any], default: Callable[[int], bool]) -> dict[str, Any]:
+    """`sliding_window` and `layer_types` of a transformers config. `layer_types` is read when the
+    config has it (transformers 5 writes it), else `default(i)` says whether layer i slides (the
+    family's own rule: every layer for Mistral, alternate layers for Gemma 2, …)."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if window is None:
+        return {}
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        kinds = ["sliding_attention" if default(i) else "full_attention" for i in range(hf["num_hidden_layers"])]
+    unknown = sorted(set(kinds) - set(HF_LAYER_TYPES))
+    if unknown:
+        raise CheckpointError(f"layer_types {unknown} are not supported (known: {', '.join(HF_LAYER_TYPES)})")
+    return {"sliding_window": window, "layer_types": [HF_LAYER_TYPES[k] for k in kinds]}
+
+
+def hf_layer_types(cfg: Config) -> list[str]:
+    """Our layer types under transformers' names."""
+    theirs = {ours: name for name, ours in HF_LAYER_TYPES.items()}
+    return [theirs[kind] for kind in cfg.layer_types]
 
 
 def hf_activation(act: str) -> str:

@@ -104,11 +104,17 @@ class _Walker:
     def attention(self, a: str, causal: bool) -> None:
         """Cells 3-6 for attention module path `a` (…attn or …cross_attn)."""
         c, b, p = self.cache, self.b, self.p
+        module = self.model.get_submodule(a)
         src = "x" if a.endswith(".attn") else "encoder output"
         self.add("query projection", "q = x @ W_Q + b_Q", f"{a}.hook_q", c[f"{a}.hook_q"][b, p])
         self.add("key projection", f"k = {src} @ W_K + b_K", f"{a}.hook_k", c[f"{a}.hook_k"][b].transpose(0, 1))
         self.add("value projection", f"v = {src} @ W_V + b_V", f"{a}.hook_v", c[f"{a}.hook_v"][b].transpose(0, 1))
         q, k = c[f"{a}.hook_q"], c[f"{a}.hook_k"]
+        if self.has(f"{a}.q_norm.hook_normalized"):
+            over = "each head" if module.qk_norm_heads else "all heads together"
+            q, k = (c[f"{a}.{n}.hook_normalized"].view_as(t) for n, t in (("q_norm", q), ("k_norm", k)))
+            self.add("query norm", f"RMSNorm of q over {over}", f"{a}.q_norm.hook_normalized", q[b, p])
+            self.add("key norm", f"RMSNorm of k over {over}", f"{a}.k_norm.hook_normalized", k[b].transpose(0, 1))
         if self.has(f"{a}.hook_rot_q"):
             q, k = c[f"{a}.hook_rot_q"], c[f"{a}.hook_rot_k"]
             self.add("rotary (queries)", "rotate q by position", f"{a}.hook_rot_q", q[b, p])
@@ -117,12 +123,23 @@ class _Walker:
         dots = torch.einsum("hd,khd->hk", q[b, p], k[b])  # (n_heads, k_pos)
         scores_hook, source = f"{a}.hook_attn_scores", "recomputed from q and k"
         self.add("attention scores", "q · k (dot product with every key)", scores_hook, dots, source)
-        scale = 1 / math.sqrt(q.shape[-1])
-        self.add("attention scores", f"× 1/sqrt(d_head) = × {scale:.4f}", scores_hook, dots * scale, source)
+        default = math.isclose(module.scale, 1 / math.sqrt(q.shape[-1]))
+        factor = "1/sqrt(d_head)" if default else "the configured scale"
+        self.add("attention scores", f"× {factor} = × {module.scale:.4f}", scores_hook, dots * module.scale, source)
         masked = c[scores_hook][b, :, p]  # (n_heads, k_pos)
         if causal or bool(torch.isinf(masked).any()):
             what = "causal" if causal else "padding"
+            if module.window is not None:
+                what += f", sliding window of {module.window} keys"
             self.add("attention mask", f"-inf where masked ({what})", scores_hook, masked)
+        if self.has(f"{a}.hook_attn_scores_capped"):
+            cap = module.softcap
+            self.add(
+                "soft-capping",
+                f"scores = {cap:g} · tanh(scores / {cap:g})",
+                f"{a}.hook_attn_scores_capped",
+                c[f"{a}.hook_attn_scores_capped"][b, :, p],
+            )
         self.add("softmax", "pattern = softmax(scores) over keys", f"{a}.hook_pattern", c[f"{a}.hook_pattern"][b, :, p])
         self.add("weighted sum", "z = pattern @ v", f"{a}.hook_z")
         self.add("per-head result", "result_h = z_h @ W_O[h]", f"{a}.hook_result")
@@ -168,14 +185,19 @@ class _Walker:
         self.add("residual add", "resid_post = resid_pre + attn_out + mlp_out", f"{prefix}.hook_resid_post")
 
     def sublayer(self, prefix: str, ln: str, what: str, out: str, before: str, after: str, cell: Callable) -> None:
-        """Pre-norm: norm, cell, residual add. Post-norm: cell, then residual add and norm together."""
-        if self.pre_norm:
+        """Pre-norm: norm, cell, residual add. Post-norm: cell, then residual add and norm together.
+        Sandwich / output norm: (norm,) cell, the norm of the cell's output, residual add."""
+        post_norm = self.model.cfg.norm_position == "post"
+        if not post_norm:
             self.norm(f"{prefix}.{ln}", f"before {what}")
         cell()
         merge = "Σ_h result_h + b_O" if what.endswith("attention") else "post @ W_out + b_out"
+        if self.has(f"{prefix}.{ln}_post.hook_normalized"):
+            self.norm(f"{prefix}.{ln}_post", f"of the {what} output")
+            merge = f"norm({merge})"
         self.add(f"{what} output", f"{out} = {merge}", f"{prefix}.hook_{out}")
         added = f"{before} + {out}"
-        if not self.pre_norm and self.has(f"{prefix}.{ln}.hook_normalized"):
+        if post_norm and self.has(f"{prefix}.{ln}.hook_normalized"):
             added = f"norm({added})"
         self.add("residual add", f"{after} = {added}", f"{prefix}.hook_{after}")
 
@@ -184,14 +206,11 @@ class _Walker:
         if self.has(f"{m}.hook_pre_linear"):
             self.add("MLP gate", "gate = x @ W_gate", f"{m}.hook_pre")
             self.add("MLP in", "lin = x @ W_in + b_in", f"{m}.hook_pre_linear")
-            self.add("MLP activation", "post = silu(gate) · lin", f"{m}.hook_post")
+            gate = "gelu_tanh" if act == "geglu" else "silu"
+            self.add("MLP activation", f"post = {gate}(gate) · lin", f"{m}.hook_post")
         else:
             self.add("MLP in", "pre = x @ W_in + b_in", f"{m}.hook_pre")
             self.add("MLP activation", f"post = {act}(pre)", f"{m}.hook_post")
-
-    @property
-    def pre_norm(self) -> bool:
-        return self.model.cfg.norm_position == "pre"
 
 
 def trace(
@@ -225,7 +244,13 @@ def trace(
     for layer in range(n_layers):
         walker.block(f"{stack}blocks.{layer}", causal=cfg.arch != "encoder")
     walker.norm(f"{stack}ln_final", "final")
-    walker.add("output head", "logits = x @ W_U + b_U", "hook_logits")
+    if walker.has("unembed.hook_logits_uncapped"):
+        walker.add("output head", "logits = x @ W_U + b_U", "unembed.hook_logits_uncapped")
+        walker.add(
+            "soft-capping", f"logits = {cfg.final_softcap:g} · tanh(logits / {cfg.final_softcap:g})", "hook_logits"
+        )
+    else:
+        walker.add("output head", "logits = x @ W_U + b_U", "hook_logits")
     label = f' ("{labels[pos]}")' if labels else ""
     title = (
         f"glassformer trace: {cfg.arch}, {n_layers} layer(s), d_model={cfg.d_model}, "
