@@ -50,6 +50,35 @@ def build(family):
         "qwen2-sliding": lambda: t.Qwen2ForCausalLM(
             t.Qwen2Config(**SMALL_LLAMA, use_sliding_window=True, sliding_window=4, max_window_layers=1)
         ),
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SMALL_LLAMA, head_dim=12)),
+        "qwen3-sliding-bias": lambda: t.Qwen3ForCausalLM(
+            t.Qwen3Config(
+                **SMALL_LLAMA, use_sliding_window=True, sliding_window=4, max_window_layers=1, attention_bias=True
+            )
+        ),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**SMALL_LLAMA, head_dim=16)),
+        "gemma2": lambda: t.Gemma2ForCausalLM(
+            t.Gemma2Config(
+                **SMALL_LLAMA,
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=4,
+                attn_logit_softcapping=2.0,
+                final_logit_softcapping=3.0,
+            )
+        ),
+        "gemma3": lambda: t.Gemma3ForCausalLM(
+            t.Gemma3TextConfig(
+                **{**SMALL_LLAMA, "num_hidden_layers": 7},
+                head_dim=16,
+                query_pre_attn_scalar=24,
+                sliding_window=4,
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                },
+            )
+        ),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -106,11 +135,16 @@ DECODERS = [
     "qwen2-sliding",
     "mistral",
     "mistral-unwindowed",
+    "qwen3",
+    "qwen3-sliding-bias",
+    "gemma",
+    "gemma2",
+    "gemma3",
     "pythia",
     "neox-sequential",
 ]
 # Families whose attention slides: decoding must cross the window.
-WINDOWED = ["mistral", "qwen2-sliding"]
+WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3"]
 FAMILIES = DECODERS
 
 
@@ -128,6 +162,8 @@ def padded_batch(vocab):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_every_layer_match_transformers(family, attn):
     hf = build(family)
+    if attn == "sdpa" and not hf._supports_sdpa:
+        pytest.skip(f"transformers has no sdpa attention for {family} (soft-capping)")
     hf.set_attn_implementation(attn)
     model = gf.Transformer.from_hf(hf)
     tokens, mask = padded_batch(hf.config.vocab_size)

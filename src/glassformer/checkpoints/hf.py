@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gpt2, llama, neox
+from glassformer.checkpoints import bart, bert, gemma, gpt2, llama, neox
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -22,11 +22,15 @@ from glassformer.errors import CheckpointError
 
 
 def families() -> dict[str, Family]:
-    return {  # model_type -> family; llama, mistral and qwen2 differ only in config details
+    return {  # model_type -> family; llama, mistral, qwen2 and qwen3 differ only in config details
         "gpt2": gpt2.FAMILY,
         "llama": llama.FAMILY,
         "mistral": llama.FAMILY,
         "qwen2": llama.FAMILY,
+        "qwen3": llama.FAMILY,
+        "gemma": gemma.FAMILY,
+        "gemma2": gemma.FAMILY,
+        "gemma3_text": gemma.FAMILY,
         "bert": bert.FAMILY,
         "gpt_neox": neox.FAMILY,
         "bart": bart.FAMILY,

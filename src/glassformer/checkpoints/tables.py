@@ -33,8 +33,9 @@ transposed = Transform(lambda ts, cfg: ts[0].T, lambda t, cfg: (t.T,))
 # Separate Q, K, V projections <-> one fused (out, in) matrix (or bias), Q rows first.
 stacked = Transform(lambda ts, cfg: torch.cat(ts, dim=0), lambda t, cfg: t.split(qkv_sizes(cfg), dim=0))
 
-# One table row: our tensor name (relative), their tensor name(s) (relative), the transform between.
-Row = tuple[str, str | tuple[str, ...], Transform]
+# One table row: our tensor name(s) (relative), their tensor name(s) (relative), the transform between
+# (several of ours from one of theirs: the transform returns, and takes back, a tuple).
+Row = tuple[str | tuple[str, ...], str | tuple[str, ...], Transform]
 
 
 # Names of buffers (not weights) that transformers models save: nothing to convert.
@@ -90,7 +91,11 @@ def map_rows(get: HFState, rows: Sequence[Row], cfg: Config, ours: str = "", the
     Tensors combined into one are released as soon as the combination exists."""
     out = {}
     for mine, names, transform in rows:
-        out[ours + mine] = transform.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg)
+        made = transform.to_ours(tuple(get(theirs + n) for n in _names(names)), cfg)
+        if isinstance(mine, str):
+            out[ours + mine] = made
+        else:
+            out |= {ours + m: t for m, t in zip(mine, made, strict=True)}
         if not isinstance(names, str):
             get.release([theirs + n for n in names])
     return out
@@ -102,7 +107,8 @@ def unmap_rows(
     """Our tensors -> theirs, by the same table read backwards."""
     out = {}
     for mine, names, transform in rows:
-        out |= {theirs + n: t for n, t in zip(_names(names), transform.to_theirs(state[ours + mine], cfg), strict=True)}
+        value = state[ours + mine] if isinstance(mine, str) else tuple(state[ours + m] for m in mine)
+        out |= {theirs + n: t for n, t in zip(_names(names), transform.to_theirs(value, cfg), strict=True)}
     return out
 
 
