@@ -79,6 +79,16 @@ def build(family):
                 },
             )
         ),
+        "olmo2": lambda: t.Olmo2ForCausalLM(t.Olmo2Config(**SMALL_LLAMA, pad_token_id=0)),
+        "phi3": lambda: t.Phi3ForCausalLM(
+            t.Phi3Config(
+                **SMALL_LLAMA,
+                pad_token_id=0,
+                eos_token_id=1,
+                sliding_window=5,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+            )
+        ),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -140,11 +150,13 @@ DECODERS = [
     "gemma",
     "gemma2",
     "gemma3",
+    "olmo2",
+    "phi3",
     "pythia",
     "neox-sequential",
 ]
 # Families whose attention slides: decoding must cross the window.
-WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3"]
+WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "phi3"]
 FAMILIES = DECODERS
 
 

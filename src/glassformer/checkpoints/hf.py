@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gemma, gpt2, llama, neox
+from glassformer.checkpoints import bart, bert, gemma, gpt2, llama, neox, olmo2, phi3
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -31,6 +31,8 @@ def families() -> dict[str, Family]:
         "gemma": gemma.FAMILY,
         "gemma2": gemma.FAMILY,
         "gemma3_text": gemma.FAMILY,
+        "olmo2": olmo2.FAMILY,
+        "phi3": phi3.FAMILY,
         "bert": bert.FAMILY,
         "gpt_neox": neox.FAMILY,
         "bart": bart.FAMILY,
