@@ -16,6 +16,22 @@ POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm", "none")
 NORM_POSITIONS = ("pre", "post")
 ACTS = ("relu", "gelu", "gelu_new", "silu", "swiglu")
+# Rotary scaling variants: type -> (required keys, optional keys). `original_n_ctx` is the context the
+# model was pre-trained with; the formulas are in cells/rotary_scaling.py. "default" = no scaling.
+ROTARY_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "default": (frozenset(), frozenset()),
+    "linear": (frozenset({"factor"}), frozenset()),
+    "dynamic": (frozenset({"factor", "original_n_ctx"}), frozenset()),
+    "yarn": (
+        frozenset({"factor", "original_n_ctx"}),
+        frozenset({"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}),
+    ),
+    "llama3": (frozenset({"factor", "original_n_ctx", "low_freq_factor", "high_freq_factor"}), frozenset()),
+    "longrope": (
+        frozenset({"short_factor", "long_factor", "original_n_ctx"}),
+        frozenset({"factor", "attention_factor"}),
+    ),
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -31,6 +47,35 @@ def _positive(name: str, value: Any) -> None:
 def _number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"Config.{name}={value!r} must be a number, not {type(value).__name__}")
+
+
+def check_rotary_scaling(scaling: Any, rotary_dim: int, name: str = "Config.rotary_scaling") -> None:
+    """Raise a ValueError unless `scaling` is a rotary scaling dict: a known "type", its required
+    keys, no unknown ones, positive numbers, and longrope factor lists of rotary_dim / 2 numbers."""
+    if not isinstance(scaling, dict) or scaling.get("type") not in ROTARY_SCALINGS:
+        raise ValueError(f"{name}={scaling!r} must be None or a dict whose 'type' is one of {list(ROTARY_SCALINGS)}")
+    required, optional = ROTARY_SCALINGS[scaling["type"]]
+    missing, unknown = sorted(required - set(scaling)), sorted(set(scaling) - required - optional - {"type"})
+    if missing or unknown:
+        raise ValueError(
+            f"{name} of type {scaling['type']!r} lacks {missing} / has unknown keys {unknown}; "
+            f"required: {sorted(required)}, optional: {sorted(optional)}"
+        )
+    for key, value in scaling.items():
+        if key in ("short_factor", "long_factor"):
+            if not isinstance(value, list) or len(value) != rotary_dim // 2 or not all(_is_positive(v) for v in value):
+                raise ValueError(
+                    f"{name}[{key!r}] must be a list of rotary_dim / 2 = {rotary_dim // 2} positive numbers"
+                )
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}['truncate']={value!r} must be True or False")
+        elif key != "type" and not _is_positive(value):
+            raise ValueError(f"{name}[{key!r}]={value!r} must be a positive number")
+
+
+def _is_positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
 
 
 def _flag(name: str, value: Any) -> None:
@@ -55,12 +100,15 @@ class Config:
     positional: str = "learned"
     rotary_base: float = 10000.0
     rotary_dim: int | None = None  # rotated dims per head; defaults to d_head (partial rotary if less)
+    rotary_scaling: dict[str, Any] | None = None  # {"type": "linear" | "dynamic" | "yarn" | "llama3" | "longrope", …}
+    rotary_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3)… (GPT-J), not halves (NeoX, Llama)
     norm: str = "layernorm"
     norm_position: str = "pre"
     eps: float = 1e-5
     act: str = "gelu"
     attn_only: bool = False
     parallel_attn_mlp: bool = False  # GPT-NeoX/GPT-J: x + attn(ln1(x)) + mlp(ln2(x))
+    shared_norm: bool = False  # parallel block whose MLP reads ln1(x) too, with no ln2 (GPT-J)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     embed_scale: float = 1.0  # token embeddings times this (sqrt(d_model) in Marian)
     n_token_types: int = 0  # segment embeddings (BERT); 0 = none
@@ -82,7 +130,17 @@ class Config:
             _positive(name, getattr(self, name))
         for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
             _number(name, getattr(self, name))
-        flags = ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias", "tie_embeddings")
+        flags = (
+            "attn_only",
+            "parallel_attn_mlp",
+            "shared_norm",
+            "embed_norm",
+            "head_transform",
+            "pooler",
+            "bias",
+            "tie_embeddings",
+            "rotary_interleaved",
+        )
         for name in flags:
             _flag(name, getattr(self, name))
 
@@ -120,6 +178,10 @@ class Config:
                 "Config.parallel_attn_mlp=True needs norm_position='pre', an MLP (attn_only=False) and a single "
                 "stack (arch 'decoder' or 'encoder': a parallel block has no place for cross-attention)"
             )
+        if self.shared_norm and not self.parallel_attn_mlp:
+            raise ValueError("Config.shared_norm=True needs parallel_attn_mlp=True (only a parallel block shares ln1)")
+        if self.rotary_scaling is not None:
+            check_rotary_scaling(self.rotary_scaling, self.rotary_dim)
         if isinstance(self.n_token_types, bool) or not isinstance(self.n_token_types, int) or self.n_token_types < 0:
             raise ValueError(f"Config.n_token_types={self.n_token_types!r} must be a non-negative integer")
         if self.n_token_types and self.arch == "encoder-decoder":
