@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from glassformer.checkpoints import rope
 from glassformer.checkpoints.tables import (
     PLAIN_DECODER,
     Family,
@@ -42,18 +43,11 @@ BIASES = [
 ]
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """transformers 5 keeps rotary settings in `rope_parameters`; older configs at top level."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
 def config(hf: dict[str, Any], get: HFState) -> Config:
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"Llama-family hidden_act {hf['hidden_act']!r} is not supported (expected 'silu')")
-    sizes = standard_sizes(hf)
+    sizes, scaling = standard_sizes(hf), rope.rotary_scaling(hf)
+    sizes["n_ctx"] = rope.n_ctx(hf, scaling)
     window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
     if window:  # attention within the window is full attention: cap the context there, never be silently wrong
         sizes["n_ctx"] = min(sizes["n_ctx"], window)
@@ -63,7 +57,8 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
         n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         d_head=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
         positional="rotary",
-        rotary_base=rope_theta(hf),
+        rotary_base=rope.rope_theta(hf),
+        rotary_scaling=scaling,
         norm="rmsnorm",
         eps=hf["rms_norm_eps"],
         act="swiglu",
@@ -102,6 +97,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
         **PLAIN_DECODER,
         positional="rotary",
         rotary_dim=cfg.d_head,
+        rotary_interleaved=False,
         norm="rmsnorm",
         act="swiglu",
         parallel_attn_mlp=False,
@@ -122,13 +118,11 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.d_head,
-        "max_position_embeddings": cfg.n_ctx,
         "rms_norm_eps": cfg.eps,
         "vocab_size": cfg.d_vocab,
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
-        "rope_theta": cfg.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        **rope.hf_rope(cfg),
         "attention_bias": attention_bias,
         "mlp_bias": mlp_bias,
         "sliding_window": None,
