@@ -62,3 +62,36 @@ def test_dict_round_trip_and_unknown_fields():
     assert gf.Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown fields \\['n_experts'\\]"):
         gf.Config.from_dict({**cfg.to_dict(), "n_experts": 8})
+
+
+@pytest.mark.parametrize(
+    ("scaling", "words"),
+    [
+        ("linear", ["rotary_scaling='linear'", "'type'", "'yarn'"]),
+        ({"type": "ntk"}, ["'ntk'", "'dynamic'"]),
+        ({"type": "yarn", "factor": 4.0}, ["'yarn'", "lacks ['original_n_ctx']"]),
+        ({"type": "linear", "factor": 2.0, "beta": 1}, ["unknown keys ['beta']"]),
+        ({"type": "linear", "factor": -2.0}, ["rotary_scaling['factor']=-2.0", "positive"]),
+        ({"type": "yarn", "factor": 2.0, "original_n_ctx": 8, "truncate": 1}, ["['truncate']=1", "True or False"]),
+        (
+            {"type": "longrope", "original_n_ctx": 8, "short_factor": [1.0] * 4, "long_factor": [1.0] * 3},
+            ["['long_factor']", "rotary_dim / 2 = 4"],
+        ),
+    ],
+)
+def test_bad_rotary_scaling_names_the_key_and_expectation(scaling, words):
+    with pytest.raises(ValueError) as err:
+        gf.Config(**BASE, positional="rotary", rotary_scaling=scaling)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_rotary_scaling_round_trips_through_a_dict():
+    scaling = {"type": "longrope", "original_n_ctx": 8, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    cfg = gf.Config(**BASE, positional="rotary", rotary_scaling=scaling, rotary_interleaved=True)
+    assert gf.Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_shared_norm_needs_a_parallel_block():
+    with pytest.raises(ValueError, match="shared_norm=True needs parallel_attn_mlp=True"):
+        gf.Config(**BASE, shared_norm=True)

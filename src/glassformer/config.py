@@ -20,6 +20,22 @@ NORM_POSITIONS = ("pre", "post", "sandwich", "output")
 ACTS = ("relu", "gelu", "gelu_new", "silu", "swiglu", "geglu")  # geglu: tanh-GELU gate (Gemma, T5 v1.1)
 LAYER_TYPES = ("full", "sliding")  # attention over every earlier key, or over the last sliding_window keys
 QK_NORMS = ("none", "head", "projection")  # RMSNorm of q and k: per head (Qwen3, Gemma 3) or whole (OLMo 2)
+# Rotary scaling variants: type -> (required keys, optional keys). `original_n_ctx` is the context the
+# model was pre-trained with; the formulas are in cells/rotary_scaling.py. "default" = no scaling.
+ROTARY_SCALINGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "default": (frozenset(), frozenset()),
+    "linear": (frozenset({"factor"}), frozenset()),
+    "dynamic": (frozenset({"factor", "original_n_ctx"}), frozenset()),
+    "yarn": (
+        frozenset({"factor", "original_n_ctx"}),
+        frozenset({"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}),
+    ),
+    "llama3": (frozenset({"factor", "original_n_ctx", "low_freq_factor", "high_freq_factor"}), frozenset()),
+    "longrope": (
+        frozenset({"short_factor", "long_factor", "original_n_ctx"}),
+        frozenset({"factor", "attention_factor"}),
+    ),
+}
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -35,6 +51,40 @@ def _positive(name: str, value: Any) -> None:
 def _number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"Config.{name}={value!r} must be a number, not {type(value).__name__}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Config.{name}={value!r} must be True or False, not {type(value).__name__}")
+
+
+def check_rotary_scaling(scaling: Any, rotary_dim: int, name: str = "Config.rotary_scaling") -> None:
+    """Raise a ValueError unless `scaling` is a rotary scaling dict: a known "type", its required
+    keys, no unknown ones, positive numbers, and longrope factor lists of rotary_dim / 2 numbers."""
+    if not isinstance(scaling, dict) or scaling.get("type") not in ROTARY_SCALINGS:
+        raise ValueError(f"{name}={scaling!r} must be None or a dict whose 'type' is one of {list(ROTARY_SCALINGS)}")
+    required, optional = ROTARY_SCALINGS[scaling["type"]]
+    missing, unknown = sorted(required - set(scaling)), sorted(set(scaling) - required - optional - {"type"})
+    if missing or unknown:
+        raise ValueError(
+            f"{name} of type {scaling['type']!r} lacks {missing} / has unknown keys {unknown}; "
+            f"required: {sorted(required)}, optional: {sorted(optional)}"
+        )
+    for key, value in scaling.items():
+        if key in ("short_factor", "long_factor"):
+            if not isinstance(value, list) or len(value) != rotary_dim // 2 or not all(_is_positive(v) for v in value):
+                raise ValueError(
+                    f"{name}[{key!r}] must be a list of rotary_dim / 2 = {rotary_dim // 2} positive numbers"
+                )
+        elif key == "truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}['truncate']={value!r} must be True or False")
+        elif key != "type" and not _is_positive(value):
+            raise ValueError(f"{name}[{key!r}]={value!r} must be a positive number")
+
+
+def _is_positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
 
 
 def _flag(name: str, value: Any) -> None:
@@ -59,6 +109,8 @@ class Config:
     positional: str = "learned"
     rotary_base: float = 10000.0
     rotary_dim: int | None = None  # rotated dims per head; defaults to d_head (partial rotary if less)
+    rotary_scaling: dict[str, Any] | None = None  # {"type": "linear" | "dynamic" | "yarn" | "llama3" | "longrope", …}
+    rotary_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3)… (GPT-J), not halves (NeoX, Llama)
     rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None = rotary_base
     sliding_window: int | None = None  # keys a query sees in a "sliding" layer, itself included
     layer_types: list[str] | None = None  # per layer "full" or "sliding"; defaults to all sliding with a window
@@ -72,6 +124,7 @@ class Config:
     act: str = "gelu"
     attn_only: bool = False
     parallel_attn_mlp: bool = False  # GPT-NeoX/GPT-J: x + attn(ln1(x)) + mlp(ln2(x))
+    shared_norm: bool = False  # parallel block whose MLP reads ln1(x) too, with no ln2 (GPT-J)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     embed_scale: float = 1.0  # token embeddings times this (sqrt(d_model) in Marian)
     n_token_types: int = 0  # segment embeddings (BERT); 0 = none
@@ -99,7 +152,17 @@ class Config:
                 _number(name, getattr(self, name))
                 if not getattr(self, name) > 0:
                     raise ValueError(f"Config.{name}={getattr(self, name)!r} must be positive (or None)")
-        flags = ("attn_only", "parallel_attn_mlp", "embed_norm", "head_transform", "pooler", "bias", "tie_embeddings")
+        flags = (
+            "attn_only",
+            "parallel_attn_mlp",
+            "shared_norm",
+            "embed_norm",
+            "head_transform",
+            "pooler",
+            "bias",
+            "tie_embeddings",
+            "rotary_interleaved",
+        )
         for name in flags:
             _flag(name, getattr(self, name))
 
@@ -150,6 +213,10 @@ class Config:
             raise ValueError(f"Config.embed_scale={self.embed_scale!r} must be positive")
         if not self.rotary_base > 0:
             raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
+        if self.shared_norm and not self.parallel_attn_mlp:
+            raise ValueError("Config.shared_norm=True needs parallel_attn_mlp=True (only a parallel block shares ln1)")
+        if self.rotary_scaling is not None:
+            check_rotary_scaling(self.rotary_scaling, self.rotary_dim)
 
     def _check_layer_types(self) -> None:
         """Fill `layer_types` (all "sliding" when there is a window, else all "full") and check it."""

@@ -59,11 +59,13 @@ def add_stack(
 
 def rotary_cells(cfg: Config) -> dict[str, Rotary] | None:
     """The rotary cell of full-attention layers and of sliding-window ones (the same one unless
-    the sliding layers have their own base, as in Gemma 3), each shared by its layers."""
+    the sliding layers have their own base, unscaled, as in Gemma 3), each shared by its layers."""
     if cfg.positional != "rotary":
         return None
     full = Rotary(cfg)
-    local = full if cfg.rotary_base_local is None else Rotary(cfg, base=cfg.rotary_base_local)
+    if cfg.rotary_base_local is None:
+        return {"full": full, "sliding": full}
+    local = Rotary(cfg, base=cfg.rotary_base_local, scaling={"type": "default"})
     return {"full": full, "sliding": local}
 
 

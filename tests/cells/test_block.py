@@ -129,3 +129,17 @@ def test_block_rejects_a_residual_of_the_wrong_width():
     model = make_model()
     with pytest.raises(gf.InputError, match="d_model"):
         model.blocks[0](torch.zeros(1, 3, 5))
+
+
+def test_parallel_block_with_a_shared_norm():
+    """shared_norm (GPT-J): resid_post = resid_pre + attn_out + mlp_out and the MLP reads ln1's output,
+    as the attention does; the block has no ln2."""
+    model = make_model(parallel_attn_mlp=True, shared_norm=True, positional="rotary")
+    cache = cached_run(model)
+    block, b = model.blocks[0], "blocks.0."
+    assert block.ln2 is None and b + "ln2.hook_normalized" not in model.hook_dict
+    resid_post = cache[b + "hook_resid_pre"] + cache[b + "hook_attn_out"] + cache[b + "hook_mlp_out"]
+    torch.testing.assert_close(cache[b + "hook_resid_post"], resid_post)
+    with torch.no_grad():
+        pre = cache[b + "ln1.hook_normalized"] @ block.mlp.W_in + block.mlp.b_in
+    torch.testing.assert_close(cache[b + "mlp.hook_pre"], pre, atol=1e-5, rtol=1e-5)

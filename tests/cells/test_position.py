@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import glassformer as gf
+from glassformer.cells.position import Rotary
 
 BATCH, POS, N_CTX = 2, 5, 16
 
@@ -115,3 +116,98 @@ def test_rotary_scores_depend_only_on_relative_position():
         diagonal = torch.diagonal(scores, offset)
         torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(torch.diagonal(scores, 0)[0], torch.diagonal(scores, 2)[0])
+
+
+# Rotary scaling variants against transformers' own rotary (LlamaRotaryEmbedding with that rope type),
+# at positions up to 4x the pre-training context. Each entry: (transformers rope_parameters, ours).
+ORIGINAL, HEAD = 32, 16
+LONG_FACTORS = [1.0 + 0.5 * i for i in range(HEAD // 2)]
+SHORT_FACTORS = [1.0 + 0.05 * i for i in range(HEAD // 2)]
+SCALINGS = {
+    "linear": ({"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
+    "dynamic": (
+        {"rope_type": "dynamic", "factor": 4.0},
+        {"type": "dynamic", "factor": 4.0, "original_n_ctx": ORIGINAL},
+    ),
+    "yarn": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL},
+        {"type": "yarn", "factor": 4.0, "original_n_ctx": ORIGINAL},
+    ),
+    "yarn-mscale": (
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL, "beta_fast": 16.0}
+        | {"mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False},
+        {"type": "yarn", "factor": 4.0, "original_n_ctx": ORIGINAL, "beta_fast": 16.0}
+        | {"mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False},
+    ),
+    "llama3": (
+        {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": ORIGINAL}
+        | {"low_freq_factor": 1.0, "high_freq_factor": 4.0},
+        {"type": "llama3", "factor": 4.0, "original_n_ctx": ORIGINAL, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    ),
+    "longrope": (
+        {"rope_type": "longrope", "original_max_position_embeddings": ORIGINAL}
+        | {"short_factor": SHORT_FACTORS, "long_factor": LONG_FACTORS},
+        {"type": "longrope", "original_n_ctx": ORIGINAL, "short_factor": SHORT_FACTORS, "long_factor": LONG_FACTORS},
+    ),
+}
+
+
+def hf_rotary(rope_parameters: dict, max_positions: int):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=4 * HEAD,
+        num_attention_heads=4,
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_theta": 500.0, **rope_parameters},
+    )
+    return transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+
+
+def scaled_rotary(scaling: dict, n_ctx: int) -> Rotary:
+    cfg = gf.Config(d_model=4 * HEAD, n_layers=1, n_heads=4, d_vocab=11, n_ctx=n_ctx, positional="rotary")
+    return Rotary(cfg, base=500.0, scaling=scaling)
+
+
+@pytest.mark.parametrize("variant", list(SCALINGS))
+@pytest.mark.parametrize("length", [ORIGINAL // 2, ORIGINAL, 4 * ORIGINAL])
+def test_rotary_scaling_matches_transformers(variant, length):
+    """cos and sin (attention factor included) of every variant equal transformers' for a sequence of
+    `length` positions, short or past the pre-training context (dynamic NTK and LongRoPE change with it)."""
+    theirs, ours = SCALINGS[variant]
+    n_ctx = 4 * ORIGINAL
+    hf = hf_rotary(theirs, ORIGINAL if variant == "dynamic" else n_ctx)  # dynamic: transformers' max is the original
+    rotary = scaled_rotary(ours, n_ctx)
+    x = torch.zeros(2, length, 1, HEAD)
+    positions = torch.arange(length).expand(2, length)
+    with torch.no_grad():
+        cos, sin = hf(x, positions)  # (batch, pos, d_head)
+    for given in (positions, None):
+        our_cos, our_sin = rotary.cos_sin(x, given)
+        assert (our_cos.squeeze(-2) - cos).abs().max() <= 1e-5
+        assert (our_sin.squeeze(-2) - sin).abs().max() <= 1e-5
+
+
+def test_rotary_scaling_tables_are_the_unscaled_ones_when_no_scaling_is_asked_for():
+    """`Rotary(cfg, base, scaling)` overrides the config's (Gemma 3's local and global layers);
+    type "default" means no scaling even when the config scales."""
+    cfg = gf.Config(d_model=12, n_layers=1, n_heads=2, d_vocab=11, n_ctx=N_CTX, positional="rotary")
+    scaled = gf.Config(**{**cfg.to_dict(), "rotary_scaling": {"type": "linear", "factor": 2.0}})
+    plain = Rotary(cfg)
+    assert torch.equal(Rotary(scaled, scaling={"type": "default"}).cos, plain.cos)
+    assert torch.equal(Rotary(cfg, scaling={"type": "linear", "factor": 2.0}).cos, Rotary(scaled).cos)
+    torch.testing.assert_close(Rotary(cfg, base=100.0).cos[3, 1], torch.tensor(math.cos(3 / 100 ** (1 / 3))))
+    with pytest.raises(ValueError, match="Rotary\\(scaling=...\\).*'factor'"):
+        Rotary(cfg, scaling={"type": "linear"})
+
+
+def test_interleaved_rotary_matches_gpt_j():
+    """rotary_interleaved rotates neighbouring pairs (x0, x1), (x2, x3)…: transformers' GPT-J rotation."""
+    gptj = pytest.importorskip("transformers.models.gptj.modeling_gptj")
+    model = make_model(positional="rotary", rotary_dim=4, rotary_interleaved=True)
+    cache = cached_run(model)
+    sincos = gptj.create_sinusoidal_positions(N_CTX, 4)[:POS].expand(BATCH, POS, 4)  # (batch, pos, rotary_dim)
+    sin, cos = sincos.chunk(2, dim=-1)
+    for name in ("q", "k"):
+        plain = cache[f"blocks.0.attn.hook_{name}"]
+        expected = torch.cat([gptj.apply_rotary_pos_emb(plain[..., :4], sin, cos), plain[..., 4:]], dim=-1)
+        torch.testing.assert_close(cache[f"blocks.0.attn.hook_rot_{name}"], expected)

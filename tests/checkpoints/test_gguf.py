@@ -327,3 +327,57 @@ def test_to_gguf_needs_a_tokenizer_and_writes_nothing_without_one(tmp_path):
     with pytest.raises(gf.CheckpointError, match="tokenizer"):
         model.to_gguf(tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# Rotary scaling: transformers does not read it from a llama GGUF file, so the reference is the
+# transformers model the file was written from, at 4x the original context.
+SCALED = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 16.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+    },
+}
+
+
+@pytest.mark.parametrize("variant", list(SCALED))
+@torch.no_grad()
+def test_rotary_scaling_round_trips_through_gguf(tmp_path, tokenizer, variant):
+    """Linear and YaRN as rope.scaling.* metadata, Llama 3's as the rope_freqs tensor (llama.cpp's forms)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        **SMALL, vocab_size=tokenizer.vocab_size, initializer_range=0.2, rope_parameters=SCALED[variant]
+    )
+    hf = transformers.LlamaForCausalLM(config).eval()
+    model = gf.Transformer.from_hf(hf)
+    model.tokenizer = tokenizer
+    path = model.to_gguf(tmp_path / "scaled.gguf")
+    meta = gguf.GGUFReader(path)
+    if variant == "llama3":
+        assert "rope_freqs.weight" in {t.name for t in meta.tensors}
+    else:
+        assert bytes(meta.fields["llama.rope.scaling.type"].parts[-1]).decode() == variant
+    ours = gf.Transformer.from_gguf(path)
+    tokens = torch.randint(0, tokenizer.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
+    assert (ours(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"type": "dynamic", "factor": 2.0, "original_n_ctx": 8},
+        {"type": "longrope", "original_n_ctx": 8, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4},
+    ],
+)
+def test_rotary_scaling_llama_cpp_lacks_is_refused_before_writing(tmp_path, tokenizer, scaling):
+    cfg = dict(n_layers=1, d_model=32, n_heads=4, d_vocab=tokenizer.vocab_size, n_ctx=16, positional="rotary")
+    cfg |= dict(norm="rmsnorm", act="swiglu", bias=False, rotary_scaling=scaling)
+    model = gf.Transformer(gf.Config(**cfg), seed=0)
+    model.tokenizer = tokenizer
+    with pytest.raises(gf.CheckpointError, match=f"'{scaling['type']}' has no GGUF form"):
+        model.to_gguf(tmp_path / "scaled.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -89,6 +89,7 @@ def build(family):
                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
             )
         ),
+        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(**GPTJ)),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -107,6 +108,18 @@ def build(family):
     return model
 
 
+GPTJ = dict(
+    n_embd=32,
+    n_layer=3,
+    n_head=4,
+    rotary_dim=4,  # of d_head 8: partial rotary
+    initializer_range=0.2,  # weights large enough that the rotary layout shows in the logits
+    n_inner=48,
+    vocab_size=101,
+    n_positions=64,
+    bos_token_id=0,
+    eos_token_id=0,
+)
 NEOX = dict(
     hidden_size=32,
     num_hidden_layers=3,
@@ -154,6 +167,7 @@ DECODERS = [
     "phi3",
     "pythia",
     "neox-sequential",
+    "gptj",
 ]
 # Families whose attention slides: decoding must cross the window.
 WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "phi3"]
@@ -383,18 +397,18 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2"])
 def test_greedy_generation_matches_transformers(family):
-    """Same new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
+    """Same 48 new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
     hf = build(family)
     model = gf.Transformer.from_hf(hf)
     prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0
     expected = hf.generate(
-        prompt, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None
+        prompt, attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0, eos_token_id=None
     )
-    assert torch.equal(model.generate(prompt, 15, attention_mask=mask), expected)
+    assert torch.equal(model.generate(prompt, 48, attention_mask=mask), expected)
 
 
 @pytest.mark.parametrize("family", WINDOWED)
@@ -444,7 +458,7 @@ def test_greedy_generation_matches_transformers_encoder_decoder():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "bart", "marian"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gemma2", "bert", "bart", "marian"])
 def test_left_padded_rows_equal_transformers_on_the_row_alone(family):
     """glassformer counts positions over real tokens, so a left-padded row computes what transformers
     computes for the same tokens unpadded (transformers itself would need position_ids for that)."""

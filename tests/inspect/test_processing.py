@@ -34,6 +34,7 @@ CONFIGS = [
     dict(norm="rmsnorm", act="swiglu", bias=False, tie_embeddings=True),
     dict(act="swiglu"),  # LayerNorm with a bias before a gate without one: ln2 stays
     dict(parallel_attn_mlp=True),
+    dict(parallel_attn_mlp=True, shared_norm=True, positional="rotary", rotary_interleaved=True),
     dict(arch="encoder-decoder"),
     dict(arch="encoder", embed_norm=True, n_token_types=2),
     dict(norm_position="post", arch="encoder"),

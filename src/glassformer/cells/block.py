@@ -51,7 +51,10 @@ class Block(nn.Module):
             self.hook_resid_mid_cross = HookPoint()  # (batch, pos, d_model)
         self.mlp = None if cfg.attn_only else MLP(cfg)
         if self.mlp is not None:
-            self.ln2 = make_norm(cfg) if norm_before else nn.Identity()
+            if cfg.shared_norm:  # GPT-J: the MLP reads ln1's output too
+                self.ln2 = None
+            else:
+                self.ln2 = make_norm(cfg) if norm_before else nn.Identity()
             self.ln2_post = make_norm(cfg) if norm_after else None
             self.hook_mlp_out = HookPoint()  # (batch, pos, d_model)
         self.hook_resid_post = HookPoint()  # (batch, pos, d_model): the next block's input
@@ -71,8 +74,9 @@ class Block(nn.Module):
         resid = self.hook_resid_pre(resid)
         attend = partial(self.attn, mask=mask, positions=positions, cache=cache)
         if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together
-            attn_out = self.drop(self.hook_attn_out(attend(self.ln1(resid))))
-            mlp_out = self.drop(self.hook_mlp_out(self.mlp(self.ln2(resid))))
+            normed = self.ln1(resid)
+            attn_out = self.drop(self.hook_attn_out(attend(normed)))
+            mlp_out = self.drop(self.hook_mlp_out(self.mlp(normed if self.ln2 is None else self.ln2(resid))))
             return self.hook_resid_post(resid + attn_out + mlp_out)
         resid = self.hook_resid_mid(self.add(resid, self.ln1, attend, self.hook_attn_out, self.ln1_post))
         if self.cross_attn is not None:

@@ -7,16 +7,17 @@ Legend: batch, pos, n_heads, d_head, d_model; rotary_dim = the rotated part of e
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glassformer.config import Config
+from glassformer.cells.rotary_scaling import TABLES, dynamic_frequencies, frequencies, inverse_frequencies, longrope
+from glassformer.config import Config, check_rotary_scaling
 
-# Fixed tables are built on the CPU even inside `with torch.device("meta")` (how checkpoints load):
-# they are computed, never stored, so they must be real. `model.to(device)` moves them.
-TABLES = dict(dtype=torch.float64, device="cpu")
+# Fixed tables (TABLES: float64 on the CPU) are built on the CPU even inside `with torch.device("meta")`
+# (how checkpoints load): they are computed, never stored, so they must be real. `model.to(device)` moves them.
 
 
 def sinusoid_table(n_ctx: int, d_model: int) -> Tensor:
@@ -45,31 +46,89 @@ class PosEmbed(nn.Module):
         return F.embedding(positions, self.W_pos)  # (batch, pos, d_model)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding (RoFormer; the rotate-half layout of GPT-NeoX and Llama).
+def spread(angles: Tensor, interleaved: bool) -> Tensor:
+    """One angle per rotated pair (..., rotary_dim/2) -> per dimension (..., rotary_dim): pairs (2i, 2i+1)
+    when interleaved, else (i, i + rotary_dim/2)."""
+    return angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
 
-    One instance is shared by every attention layer; its cos/sin tables are built once.
+
+def lookup(cos: Tensor, sin: Tensor, n_pos: int, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Rows of (n_ctx, rotary_dim) tables: (pos, 1, rotary_dim), or (batch, pos, 1, rotary_dim) at positions."""
+    if positions is None:
+        return cos[:n_pos, None], sin[:n_pos, None]
+    return cos[positions][:, :, None], sin[positions][:, :, None]
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoFormer): the rotate-half layout of GPT-NeoX and Llama, or pairs of
+    neighbours (GPT-J, `cfg.rotary_interleaved`), with the scaling variants of cells/rotary_scaling.py.
+
+    One instance is shared by every attention layer. Its cos/sin tables are built once, except under
+    dynamic NTK scaling, whose frequencies follow the length of each call (as in transformers).
+    `base` and `scaling` override cfg.rotary_base and cfg.rotary_scaling (None: take the config's);
+    `scaling={"type": "default"}` is no scaling.
     """
 
-    def __init__(self, cfg: Config, base: float | None = None) -> None:
-        """`base` overrides `cfg.rotary_base` (Gemma 3's sliding-window layers have their own)."""
+    def __init__(self, cfg: Config, base: float | None = None, scaling: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.rotary_dim = cfg.rotary_dim
-        half = torch.arange(0, cfg.rotary_dim, 2, **TABLES) / cfg.rotary_dim
-        inv_freq = (cfg.rotary_base if base is None else base) ** -half  # (rotary_dim / 2,)
-        angles = torch.outer(torch.arange(cfg.n_ctx, **TABLES), inv_freq)  # (n_ctx, rotary_dim/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (n_ctx, rotary_dim)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        if scaling is not None:
+            check_rotary_scaling(scaling, cfg.rotary_dim, name="Rotary(scaling=...)")
+        self.base = cfg.rotary_base if base is None else base
+        self.scaling = scaling or cfg.rotary_scaling or {"type": "default"}
+        self.rotary_dim, self.interleaved, self.kind = cfg.rotary_dim, cfg.rotary_interleaved, self.scaling["type"]
+        if self.kind == "dynamic":
+            return  # no tables: the frequencies depend on each call's length
+        inv_freq, factor = frequencies(self.base, cfg.rotary_dim, self.scaling, cfg.n_ctx)  # (rotary_dim/2,)
+        self.original = self.scaling.get("original_n_ctx", cfg.n_ctx)
+        self.add_tables("", inv_freq, factor, self.original if self.kind == "longrope" else cfg.n_ctx)
+        if self.kind == "longrope":  # the short factors above serve up to original_n_ctx, the long ones past it
+            inv_freq, factor = longrope(
+                inverse_frequencies(self.base, cfg.rotary_dim), self.base, self.scaling, cfg.n_ctx, "long_factor"
+            )
+            self.add_tables("long_", inv_freq, factor, cfg.n_ctx)
+
+    def add_tables(self, prefix: str, inv_freq: Tensor, factor: float, n_ctx: int) -> None:
+        """Non-persistent `cos`/`sin` buffers (n_ctx, rotary_dim), times the variant's cos/sin factor."""
+        angles = spread(torch.outer(torch.arange(n_ctx, **TABLES), inv_freq), self.interleaved)  # (n_ctx, rotary_dim)
+        self.register_buffer(prefix + "cos", (angles.cos() * factor).float(), persistent=False)
+        self.register_buffer(prefix + "sin", (angles.sin() * factor).float(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         """Rotate the first rotary_dim dims of each head of x (batch, pos, heads, d_head) by position."""
-        n_pos = x.shape[1]
-        if positions is None:
-            cos, sin = self.cos[:n_pos, None], self.sin[:n_pos, None]  # (pos, 1, rotary_dim)
-        else:
-            cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (batch, pos, 1, rotary_dim)
+        cos, sin = self.cos_sin(x, positions)  # (pos, 1, rotary_dim) or (batch, pos, 1, rotary_dim)
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        first, second = rot.chunk(2, dim=-1)
-        rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin  # (batch, pos, heads, rotary_dim)
+        if self.interleaved:
+            pairs = rot.unflatten(-1, (-1, 2))  # (batch, pos, heads, rotary_dim/2, 2)
+            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (batch, pos, heads, rotary_dim)
+        else:
+            first, second = rot.chunk(2, dim=-1)
+            turned = torch.cat([-second, first], dim=-1)  # (batch, pos, heads, rotary_dim)
+        rotated = rot * cos + turned * sin  # (batch, pos, heads, rotary_dim)
         return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
+
+    def cos_sin(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """cos and sin for x's positions (0..pos-1 when positions is None)."""
+        n_pos = x.shape[1]
+        if self.kind == "dynamic":
+            return self.dynamic_cos_sin(x, n_pos, positions)
+        if self.kind != "longrope":
+            return lookup(self.cos, self.sin, n_pos, positions)
+        if positions is None:  # the long factors once the sequence is longer than original_n_ctx
+            return (
+                lookup(self.long_cos, self.long_sin, n_pos, None)
+                if n_pos > self.original
+                else lookup(self.cos, self.sin, n_pos, None)
+            )
+        long = positions.max() + 1 > self.original  # a 0-dim bool tensor: no host sync
+        short_cos, short_sin = lookup(self.cos, self.sin, n_pos, positions.clamp(max=self.original - 1))
+        long_cos, long_sin = lookup(self.long_cos, self.long_sin, n_pos, positions)
+        return torch.where(long, long_cos, short_cos), torch.where(long, long_sin, short_sin)
+
+    def dynamic_cos_sin(self, x: Tensor, n_pos: int, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Dynamic NTK: frequencies for the length max(positions) + 1, in float32 as transformers does."""
+        positions = torch.arange(n_pos, device=x.device) if positions is None else positions  # (pos) or (batch, pos)
+        inv_freq = dynamic_frequencies(self.base, self.rotary_dim, self.scaling, positions.max() + 1)  # (rotary_dim/2,)
+        angles = spread(positions[..., None].float() * inv_freq, self.interleaved)[
+            ..., None, :
+        ]  # (…, pos, 1, rotary_dim)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)

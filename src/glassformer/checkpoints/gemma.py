@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.llama import Layout, bias_kinds, family, hf_body, rope_theta, rotary_decoder
+from glassformer.checkpoints import rope
+from glassformer.checkpoints.llama import Layout, bias_kinds, family, hf_body, rotary_decoder
 from glassformer.checkpoints.tables import (
     PLAIN_DECODER,
     HFState,
@@ -33,18 +34,20 @@ plus_one = Transform(lambda ts, cfg: ts[0] + 1, lambda t, cfg: (t - 1,))  # Gemm
 PATTERNS = {"gemma2": lambda i: (i + 1) % 2 != 0, "gemma3_text": lambda i: (i + 1) % 6 != 0}
 
 
-def rotary_bases(hf: dict[str, Any]) -> dict[str, float]:
-    """The rotary base of the global layers, and for Gemma 3 the sliding layers' own base
-    (transformers 5 keeps one set of rotary parameters per layer type; older configs
-    `rope_theta` and `rope_local_base_freq`)."""
-    rope = hf.get("rope_parameters") or {}
-    full, local = rope, {}
-    if "full_attention" in rope:
-        full, local = rope["full_attention"], rope.get("sliding_attention") or {}
-    bases = {"rotary_base": rope_theta({**hf, "rope_parameters": full})}
+def rotary_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """Rotary base and scaling of the global layers and, for Gemma 3, the sliding layers' own base
+    (unscaled). transformers 5 keeps one set of rotary parameters per layer type; older configs
+    `rope_theta`, `rope_scaling` and `rope_local_base_freq`."""
+    params = hf.get("rope_parameters") or {}
+    full, local = None, {}
+    if "full_attention" in params:
+        full, local = params["full_attention"], params.get("sliding_attention") or {}
+    view = hf if full is None else {**hf, "rope_parameters": full}
+    scaling = rope.rotary_scaling(view)
+    settings = {"rotary_base": rope.rope_theta(view), "rotary_scaling": scaling, "n_ctx": rope.n_ctx(hf, scaling)}
     if hf["model_type"] == "gemma3_text":
-        bases["rotary_base_local"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
-    return bases
+        settings["rotary_base_local"] = float(local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
+    return settings
 
 
 def config(hf: dict[str, Any], get: HFState) -> Config:
@@ -56,7 +59,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
     scalar = hf.get("query_pre_attn_scalar")
     return rotary_decoder(
         hf,
-        **rotary_bases(hf),
+        **rotary_settings(hf),
         **(sliding_layers(hf, default=PATTERNS[model_type]) if later else {}),
         act="geglu",
         embed_scale=hf["hidden_size"] ** 0.5,
@@ -81,6 +84,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     model_type = version(cfg)
     later = model_type != "gemma"
     holds = {**PLAIN_DECODER, "norm_position": "sandwich" if later else "pre", "embed_scale": cfg.d_model**0.5}
+    holds["rotary_scaling"] = cfg.rotary_scaling
     if later:  # what Gemma 2/3 can hold, whatever it is
         holds |= dict(sliding_window=cfg.sliding_window, attn_scale=cfg.attn_scale, attn_softcap=cfg.attn_softcap)
         holds |= dict(final_softcap=cfg.final_softcap, rotary_base_local=cfg.rotary_base_local, qk_norm=cfg.qk_norm)
@@ -115,7 +119,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     if model_type == "gemma3_text":
         local = cfg.rotary_base if cfg.rotary_base_local is None else cfg.rotary_base_local
         out["rope_parameters"] = {
-            "full_attention": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+            "full_attention": out["rope_parameters"],
             "sliding_attention": {"rope_type": "default", "rope_theta": local},
         }
     return out

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from glassformer.checkpoints.files import atomic_write
+from glassformer.checkpoints.gguf_rope import FREQS, frequency_divisors, gguf_rope_scaling, rope_scaling
 from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
 from glassformer.checkpoints.hf import convert, export
 from glassformer.config import Config
@@ -224,11 +225,11 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
 def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, stored: set[str]) -> dict[str, Any]:
     """The Hugging Face config the file's metadata describes."""
     prefix = meta["general.architecture"] + "."
-    scaling = meta.get(prefix + "rope.scaling.type", "none")
-    if scaling not in ("none", "", None):
-        raise CheckpointError(f"{name}: rotary scaling {scaling!r} is not supported yet")
     hf = {"model_type": arch.model_type, **arch.defaults}
     hf |= {theirs: meta[prefix + key] for key, theirs in arch.settings.items() if prefix + key in meta}
+    scaling = rope_scaling(meta, prefix, name)
+    if scaling is not None:
+        hf["rope_scaling"] = scaling
     if "vocab_size" not in hf:  # older files: the vocabulary's length
         if "tokenizer.ggml.tokens" not in meta:
             raise CheckpointError(f"{name}: neither {prefix}vocab_size nor tokenizer.ggml.tokens gives the vocabulary")
@@ -297,6 +298,11 @@ def hf_tensors(
         hf = hf_settings(meta, arch, name, set(stored))
     except KeyError as err:
         raise CheckpointError(f"{name}: its metadata lacks {err.args[0]!r}") from None
+    if FREQS in stored:  # Llama 3's scaling, as llama.cpp stores it
+        if "rope_scaling" in hf:
+            raise CheckpointError(f"{name}: both {FREQS} and rope.scaling.type {hf['rope_scaling']['rope_type']!r}")
+        divisors = dequantized(stored.pop(FREQS), torch.float64, name)  # (rotary_dim/2,)
+        hf["rope_scaling"] = frequency_divisors(divisors, hf["max_position_embeddings"])
     to_hf = {ours: (theirs, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     unknown = sorted(set(stored) - set(to_hf))
     if unknown:
@@ -348,7 +354,10 @@ def write_gguf(
         )
     vocabulary = tokenizer_metadata(tokenizer)  # before anything is written: it raises on a vocabulary GGUF lacks
     hf, tensors = export(cfg, {k: v.detach().float().cpu() for k, v in state.items()})
+    if hf["model_type"] not in WRITTEN_AS:
+        raise CheckpointError(f"a {hf['model_type']} model has no GGUF table here ({', '.join(WRITTEN_AS)} do)")
     architecture = WRITTEN_AS[hf["model_type"]]
+    rope_meta, rope_tensors = gguf_rope_scaling(cfg)  # before anything is written: it raises on what GGUF lacks
     arch = ARCHITECTURES[architecture]
     from_hf = {theirs: (ours, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     path = Path(path)
@@ -364,6 +373,8 @@ def write_gguf(
             writer.add_rope_dimension_count(cfg.rotary_dim)
         if "attention.key_length" in arch.settings:
             writer.add_value_length(cfg.d_head)
+        for key, value in rope_meta.items():
+            _add(writer, f"{architecture}.{key}", value)
         for key, value in vocabulary.items():
             _add(writer, key, value)
         for theirs, t in tensors.items():
@@ -373,6 +384,8 @@ def write_gguf(
                 t = permute_qk(t, cfg.n_heads if ".attn_q." in ours else cfg.n_kv_heads)
             data, kind = _quantized(t.contiguous().numpy(), dtype)
             writer.add_tensor(ours, data, raw_dtype=kind)
+        for ours, values in rope_tensors.items():
+            writer.add_tensor(ours, values, raw_dtype=gguf.GGMLQuantizationType.F32)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gemma, gpt2, llama, neox, olmo2, phi3
+from glassformer.checkpoints import bart, bert, gemma, gpt2, gptj, llama, neox, olmo2, phi3
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -35,6 +35,7 @@ def families() -> dict[str, Family]:
         "phi3": phi3.FAMILY,
         "bert": bert.FAMILY,
         "gpt_neox": neox.FAMILY,
+        "gptj": gptj.FAMILY,
         "bart": bart.FAMILY,
         "marian": bart.FAMILY,
     }
@@ -54,7 +55,8 @@ def export(cfg: Config, state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[
             problems.append(str(err))
     else:
         raise CheckpointError("no Hugging Face decoder family fits this model:\n  " + "\n  ".join(problems))
-    tensors = {family.prefixes[0] + k: v for k, v in tensors.items()}  # e.g. "model.layers.0…"
+    # The body under the family's prefix ("model.layers.0…"); an output head ("lm_head.bias") beside it.
+    tensors = {(k if k.startswith("lm_head.") else family.prefixes[0] + k): v for k, v in tensors.items()}
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = state["unembed.weight"]
     return hf_config, tensors

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import Tensor
 
+from glassformer.checkpoints import rope
 from glassformer.checkpoints.tables import (
     PLAIN_DECODER,
     Family,
@@ -118,24 +119,19 @@ def bias_kinds(state: dict[str, Tensor], cfg: Config) -> dict[str, bool]:
     return {"attention": attention, "mlp": mlp, "qkv_only": qkv_only}
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """transformers 5 keeps rotary settings in `rope_parameters`; older configs at top level."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise CheckpointError(f"rotary scaling {rope.get('rope_type', rope.get('type'))!r} is not supported yet")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
 def rotary_decoder(hf: dict[str, Any], **fields: Any) -> Config:
     """The Config fields every Llama-laid-out decoder reads the same way; `fields` add or override."""
+    scaling = rope.rotary_scaling(hf)
     return Config(
         **{
             "arch": "decoder",
             **standard_sizes(hf),
+            "n_ctx": rope.n_ctx(hf, scaling),
             "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
             "d_head": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
             "positional": "rotary",
-            "rotary_base": rope_theta(hf),
+            "rotary_base": rope.rope_theta(hf),
+            "rotary_scaling": scaling,
             "norm": "rmsnorm",
             "eps": hf["rms_norm_eps"],
             "act": "swiglu",
@@ -164,6 +160,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     qk_norm = "head" if cfg.qk_norm == "head" else "none"  # Qwen3's, or none
     holds = {**PLAIN_DECODER, "sliding_window": cfg.sliding_window, "qk_norm": qk_norm}
+    holds["rotary_scaling"] = cfg.rotary_scaling
     fit(
         cfg,
         "llama",
@@ -224,12 +221,10 @@ def hf_body(cfg: Config, model_type: str) -> dict[str, Any]:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.d_head,
-        "max_position_embeddings": cfg.n_ctx,
         "rms_norm_eps": cfg.eps,
         "vocab_size": cfg.d_vocab,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        **rope.hf_rope(cfg),
         "attention_dropout": cfg.dropout,
     }
 

@@ -43,7 +43,7 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     fit(
         cfg,
         "phi3",
-        **{**PLAIN_DECODER, "sliding_window": cfg.sliding_window},
+        **{**PLAIN_DECODER, "sliding_window": cfg.sliding_window, "rotary_scaling": cfg.rotary_scaling},
         positional="rotary",
         norm="rmsnorm",
         act="swiglu",
@@ -56,7 +56,8 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     body = hf_body(cfg, "phi3")
     fraction = cfg.rotary_dim / cfg.d_head
     body["rope_parameters"] |= {"partial_rotary_factor": fraction}
-    body |= {"sliding_window": cfg.sliding_window, "original_max_position_embeddings": cfg.n_ctx}
+    original = (cfg.rotary_scaling or {}).get("original_n_ctx", cfg.n_ctx)
+    body |= {"sliding_window": cfg.sliding_window, "original_max_position_embeddings": original}
     # Phi-3's defaults name tokens of its own 32k vocabulary: the tokenizer, if any, carries the ids.
     return {**body, "hidden_act": "silu", "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
 

@@ -91,10 +91,12 @@ def _fold_norms(model: Transformer) -> list[str]:
     prefixes = ("encoder.", "decoder.") if model.cfg.arch == "encoder-decoder" else ("",)
     for prefix, stack in zip(prefixes, _stacks(model), strict=True):
         for i, block in enumerate(stack.blocks):
-            _fold(block.ln1, [(block.attn, "QKV")], [])
+            shared = block.mlp is not None and block.ln2 is None  # the MLP reads ln1 too (GPT-J)
+            if not _fold(block.ln1, [(block.attn, "QKV")], [block.mlp] if shared else []):
+                kept.append(f"{prefix}blocks.{i}.ln1")
             if block.cross_attn is not None:
                 _fold(block.ln_cross, [(block.cross_attn, "Q")], [])
-            if block.mlp is not None and not _fold(block.ln2, [], [block.mlp]):
+            if block.mlp is not None and not shared and not _fold(block.ln2, [], [block.mlp]):
                 kept.append(f"{prefix}blocks.{i}.ln2")
     if model.cfg.arch == "encoder-decoder":
         _fold(model.encoder.ln_final, [(block.cross_attn, "KV") for block in model.decoder.blocks], [])
