@@ -154,6 +154,25 @@ def small_hf(family, vocab_size):
         "gpt2": lambda: t.GPT2LMHeadModel(
             t.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=vocab_size, n_positions=1024)
         ),
+        # transformers' GGUF readers leave what their tables lack at its default: Qwen3's head_dim
+        # (128), Phi-3's partial rotary (none), Gemma 2/3's query_pre_attn_scalar (256) and soft-caps
+        # (50, 30), Gemma 3's local rotary base (10000); the models here use those values
+        "qwen3": lambda: t.Qwen3ForCausalLM(t.Qwen3Config(**SMALL, vocab_size=vocab_size, head_dim=128)),
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**SMALL, vocab_size=vocab_size, head_dim=32)),
+        "olmo2": lambda: t.Olmo2ForCausalLM(t.Olmo2Config(**SMALL, vocab_size=vocab_size, pad_token_id=0)),
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**SMALL, vocab_size=vocab_size, pad_token_id=0)),
+        "gemma2": lambda: t.Gemma2ForCausalLM(
+            t.Gemma2Config(**SMALL, vocab_size=vocab_size, head_dim=256, query_pre_attn_scalar=256, sliding_window=8)
+        ),
+        "gemma3": lambda: t.Gemma3ForCausalLM(
+            t.Gemma3TextConfig(
+                **{**SMALL, "num_hidden_layers": 6},
+                vocab_size=vocab_size,
+                head_dim=256,
+                query_pre_attn_scalar=256,
+                sliding_window=8,
+            )
+        ),
         "gpt_neox": lambda: t.GPTNeoXForCausalLM(
             t.GPTNeoXConfig(
                 hidden_size=64,
@@ -187,7 +206,7 @@ def tokenizer():
 
 # every family in float32; the storage types where their layout differs (llama's permuted Q/K rows, GPT-2's
 # transposed matrices): each case loads the file in transformers, about 10 s here
-CASES = [(f, "f32") for f in ("llama", "llama-tied", "qwen2", "gpt2")] + [
+CASES = [(f, "f32") for f in ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3")] + [
     ("llama", "f16"),
     ("llama", "q8_0"),
     ("gpt2", "q8_0"),
@@ -212,15 +231,31 @@ def test_to_gguf_opens_in_transformers_with_the_same_logits(tmp_path, tokenizer,
     assert torch.equal(new, theirs.generate(tokens[:1, :8], max_new_tokens=64, do_sample=False, min_new_tokens=64))
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma", "olmo2"])
 @torch.no_grad()
-def test_gpt_neox_round_trip_keeps_the_numbers(tmp_path, tokenizer):
-    """transformers cannot read a gptneox GGUF; the original model is the reference."""
-    hf = small_hf("gpt_neox", tokenizer.vocab_size)
+def test_round_trip_keeps_the_numbers(tmp_path, tokenizer, family):
+    """transformers cannot read these GGUF architectures; the original model is the reference."""
+    hf = small_hf(family, tokenizer.vocab_size)
     model = gf.Transformer.from_hf(hf)
     model.tokenizer = tokenizer
-    ours = gf.Transformer.from_gguf(model.to_gguf(tmp_path / "neox.gguf"))
+    ours = gf.Transformer.from_gguf(model.to_gguf(tmp_path / f"{family}.gguf"))
     tokens = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_what_llama_cpp_fixes_for_gemma_is_refused_before_writing(tmp_path, tokenizer):
+    """llama.cpp scales Gemma 2 scores by 1/sqrt(head_dim) and alternates its layers, whatever a file says."""
+    model = gf.Transformer.from_hf(small_hf("gemma2", tokenizer.vocab_size))
+    model.tokenizer = tokenizer
+    model.cfg.attn_scale = 0.5
+    with pytest.raises(gf.CheckpointError, match="GGUF gemma2: attn_scale=0.5 is not 1/sqrt"):
+        model.to_gguf(tmp_path / "gemma2.gguf")
+    windowed = gf.Transformer.from_hf(small_hf("qwen2", tokenizer.vocab_size))
+    windowed.cfg.sliding_window, windowed.cfg.layer_types = 8, ["sliding", "sliding"]
+    windowed.tokenizer = tokenizer
+    with pytest.raises(gf.CheckpointError, match="GGUF qwen2: its sliding window"):
+        windowed.to_gguf(tmp_path / "qwen2.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tokenizer_round_trips_through_to_gguf(small_file, tokenizer):

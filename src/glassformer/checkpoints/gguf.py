@@ -55,6 +55,8 @@ class Architecture:
     defaults: dict[str, Any] = field(default_factory=dict)  # HF config fields GGUF leaves implicit
     permuted_qk: bool = False  # llama.cpp's interleaved-rotary row order for Q and K
     extra: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None  # derived fields
+    norm_shift: float = 0.0  # GGUF norm gains = Hugging Face ones + this (Gemma stores 1 + w)
+    writable: Callable[[Config], str | None] | None = None  # why a config does not fit the format, if it does not
 
 
 LLAMA_SETTINGS = {
@@ -69,25 +71,6 @@ LLAMA_SETTINGS = {
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
 }
-LLAMA_NAMES = [
-    ("token_embd.weight", "model.embed_tokens.weight", False),
-    ("output_norm.weight", "model.norm.weight", False),
-    ("output.weight", "lm_head.weight", False),
-    *_layer(
-        "model.layers.{i}.",
-        [
-            ("attn_norm", "input_layernorm"),
-            ("attn_q", "self_attn.q_proj"),
-            ("attn_k", "self_attn.k_proj"),
-            ("attn_v", "self_attn.v_proj"),
-            ("attn_output", "self_attn.o_proj"),
-            ("ffn_norm", "post_attention_layernorm"),
-            ("ffn_gate", "mlp.gate_proj"),
-            ("ffn_up", "mlp.up_proj"),
-            ("ffn_down", "mlp.down_proj"),
-        ],
-    ),
-]
 GPT2_NAMES = [
     ("token_embd.weight", "transformer.wte.weight", False),
     ("position_embd.weight", "transformer.wpe.weight", False),
@@ -132,9 +115,127 @@ def _neox_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     return {"rotary_pct": meta.get("gptneox.rope.dimension_count", head) / head}
 
 
+HEAD = [
+    ("token_embd.weight", "model.embed_tokens.weight", False),
+    ("output_norm.weight", "model.norm.weight", False),
+    ("output.weight", "lm_head.weight", False),
+]
+
+
+def _rotary_layers(prefix: str, rows: list[tuple[str, str]]) -> Names:
+    """A Llama-laid-out model's tensor names: the head and `rows` in every layer."""
+    return [*HEAD, *_layer(prefix, rows)]
+
+
+def _replace(rows: list[tuple[str, str]], **changes: str) -> list[tuple[str, str]]:
+    """`rows` with some GGUF names mapped to other Hugging Face names (ffn_norm="…"), the rest kept."""
+    return [(ours, changes.get(ours, theirs)) for ours, theirs in rows]
+
+
+LLAMA_ROWS = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+]
+LLAMA_NAMES = _rotary_layers("model.layers.{i}.", LLAMA_ROWS)
+QK_NORM_ROWS = [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]
+# Gemma 2/3 and OLMo 2 norm their cells' outputs (and Gemma 2/3's ffn_norm is the norm before the MLP).
+POST_NORM_ROWS = [("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]
+SANDWICH_ROWS = [*_replace(LLAMA_ROWS, ffn_norm="pre_feedforward_layernorm"), *POST_NORM_ROWS]
+
+
+def _partial_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3: the rotated dimensions per head as transformers' fraction of the head."""
+    head = hf["hidden_size"] // hf["num_attention_heads"]
+    arch = meta["general.architecture"]
+    return {"partial_rotary_factor": meta.get(f"{arch}.rope.dimension_count", head) / head}
+
+
+def _gemma_scale(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """GGUF has no query_pre_attn_scalar: llama.cpp scales Gemma 2/3 scores by 1/sqrt(head_dim)."""
+    return {"query_pre_attn_scalar": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]}
+
+
+def _gemma_fits(cfg: Config) -> str | None:
+    """What llama.cpp fixes for Gemma 2/3 and a file cannot say otherwise."""
+    period = 6 if cfg.qk_norm == "head" else 2  # Gemma 3: five sliding layers to one global; Gemma 2: alternate
+    pattern = ["full" if (i + 1) % period == 0 else "sliding" for i in range(cfg.n_layers)]
+    if cfg.sliding_window is not None and cfg.layer_types != pattern:
+        return f"its layer_types are not llama.cpp's fixed pattern (every {period}th layer global)"
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.d_head**-0.5) > 1e-9:
+        return f"attn_scale={cfg.attn_scale} is not 1/sqrt(d_head), the only scale llama.cpp uses"
+    if cfg.qk_norm == "head" and cfg.rotary_base_local not in (None, 10000.0):
+        return f"rotary_base_local={cfg.rotary_base_local} is not llama.cpp's fixed 10000"
+    return None
+
+
+GEMMA = {"hidden_activation": "gelu_pytorch_tanh"}
+GEMMA2_SETTINGS = {
+    **LLAMA_SETTINGS,
+    "attention.sliding_window": "sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
 ARCHITECTURES = {
     "llama": Architecture("llama", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}, permuted_qk=True),
     "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
+    "qwen3": Architecture(
+        "qwen3", LLAMA_SETTINGS, _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS), {"hidden_act": "silu"}
+    ),
+    "phi3": Architecture(
+        "phi3",
+        {**LLAMA_SETTINGS, "attention.sliding_window": "sliding_window"},
+        _rotary_layers(
+            "model.layers.{i}.",
+            [
+                ("attn_norm", "input_layernorm"),
+                ("attn_qkv", "self_attn.qkv_proj"),
+                ("attn_output", "self_attn.o_proj"),
+                ("ffn_norm", "post_attention_layernorm"),
+                ("ffn_up", "mlp.gate_up_proj"),
+                ("ffn_down", "mlp.down_proj"),
+            ],
+        ),
+        {"hidden_act": "silu"},
+        extra=_partial_rotary,
+    ),
+    "gemma": Architecture("gemma", LLAMA_SETTINGS, LLAMA_NAMES, GEMMA, norm_shift=1.0),
+    "gemma2": Architecture(
+        "gemma2",
+        GEMMA2_SETTINGS,
+        _rotary_layers("model.layers.{i}.", SANDWICH_ROWS),
+        GEMMA,
+        extra=_gemma_scale,
+        norm_shift=1.0,
+        writable=_gemma_fits,
+    ),
+    "gemma3": Architecture(
+        "gemma3_text",
+        GEMMA2_SETTINGS,
+        _rotary_layers(
+            "model.layers.{i}.",
+            SANDWICH_ROWS + QK_NORM_ROWS,
+        ),
+        GEMMA,
+        extra=_gemma_scale,
+        norm_shift=1.0,
+        writable=_gemma_fits,
+    ),
+    "olmo2": Architecture(
+        "olmo2",
+        LLAMA_SETTINGS,
+        _rotary_layers(
+            "model.layers.{i}.",
+            [row for row in LLAMA_ROWS if row[0] not in ("attn_norm", "ffn_norm")] + POST_NORM_ROWS + QK_NORM_ROWS,
+        ),
+        {"hidden_act": "silu"},
+    ),
     "gpt2": Architecture(
         "gpt2",
         {
@@ -168,7 +269,19 @@ ARCHITECTURES = {
     ),
 }
 # The GGUF architecture each Hugging Face family is written as (Mistral is "llama" in llama.cpp).
-WRITTEN_AS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+WRITTEN_AS = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+    "gpt2": "gpt2",
+    "gpt_neox": "gptneox",
+}
 
 
 def permute_qk(w: Tensor, n_heads: int, inverse: bool = False) -> Tensor:
@@ -316,6 +429,8 @@ def hf_tensors(
         if arch.permuted_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = hf["num_attention_heads"] if ".attn_q." in gguf_name else hf["num_key_value_heads"]
             t = permute_qk(t, heads, inverse=True)
+        if arch.norm_shift and gguf_name.endswith("norm.weight"):
+            t = t - arch.norm_shift
         tensors[theirs] = t.T.contiguous() if transposed else t
     return tensors, hf
 
@@ -360,6 +475,14 @@ def write_gguf(
     rope_meta, rope_tensors = gguf_rope_scaling(cfg)  # before anything is written: it raises on what GGUF lacks
     arch = ARCHITECTURES[architecture]
     from_hf = {theirs: (ours, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
+    misfit = arch.writable(cfg) if arch.writable is not None else None
+    if misfit is None and cfg.sliding_window is not None and "attention.sliding_window" not in arch.settings:
+        misfit = "its sliding window, which llama.cpp does not apply to this architecture"
+    homeless = sorted(set(tensors) - set(from_hf))
+    if misfit is None and homeless:
+        misfit = f"tensors its table has no name for: {', '.join(homeless[:4])}"
+    if misfit is not None:
+        raise CheckpointError(f"cannot be written as GGUF {architecture}: {misfit}")
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -382,6 +505,8 @@ def write_gguf(
             t = t.T if transposed else t
             if arch.permuted_qk and ours.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
                 t = permute_qk(t, cfg.n_heads if ".attn_q." in ours else cfg.n_kv_heads)
+            if arch.norm_shift and ours.endswith("norm.weight"):
+                t = t + arch.norm_shift
             data, kind = _quantized(t.contiguous().numpy(), dtype)
             writer.add_tensor(ours, data, raw_dtype=kind)
         for ours, values in rope_tensors.items():
