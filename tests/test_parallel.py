@@ -15,6 +15,20 @@ from glassformer import parallel
 CONFIGS = {
     "decoder-mha": dict(arch="decoder"),
     "decoder-gqa-rotary-swiglu": dict(arch="decoder", n_kv_heads=4, positional="rotary", norm="rmsnorm", act="swiglu"),
+    "decoder-gemma-like": dict(
+        arch="decoder",
+        n_kv_heads=4,
+        positional="rotary",
+        rotary_base_local=100.0,
+        norm="rmsnorm",
+        norm_position="sandwich",
+        act="geglu",
+        qk_norm="head",
+        sliding_window=3,
+        layer_types=["sliding", "full"],
+        attn_softcap=2.0,
+        final_softcap=5.0,
+    ),
     "encoder-post-norm": dict(arch="encoder", norm_position="post"),
     "encoder-decoder": dict(arch="encoder-decoder", positional="sinusoidal"),
 }
@@ -134,6 +148,8 @@ def test_indivisible_sizes_fail_before_any_communication():
         parallel.check_divisible(make(dict(n_heads=6, n_kv_heads=3, d_model=36)).cfg, 4)
     with pytest.raises(ValueError, match="d_mlp=66"):
         parallel.check_divisible(make(dict(d_mlp=66)).cfg, 4)
+    with pytest.raises(ValueError, match="qk_norm='projection'"):
+        parallel.check_divisible(make(dict(qk_norm="projection", norm="rmsnorm")).cfg, 2)
     with pytest.raises(gf.GlassformerError, match="call glassformer.parallel.init"):
         parallel.shard(make({}))
 

@@ -157,7 +157,7 @@ class TensorParallel:
         """Full-head (full-width) activations from every process's share (a collective)."""
         out = {}
         for name, tensor in cache.items():
-            axis = _SPLIT_AXES.get(name.rsplit(".", 1)[-1])
+            axis = split_axis(name)
             if axis is None:
                 out[name] = tensor
                 continue
@@ -208,6 +208,8 @@ def check_divisible(cfg: Config, world: int) -> None:
     bad = [f"{name}={size}" for name, size in sizes.items() if size % world]
     if bad:
         raise ValueError(f"cannot split {', '.join(bad)} across a tensor-parallel group of {world} processes")
+    if cfg.qk_norm == "projection" and world > 1:  # its RMS is over every head, which no process holds
+        raise ValueError("cannot split a model with qk_norm='projection' (OLMo 2) across processes: not supported")
 
 
 def split_of(name: str) -> str:
@@ -351,11 +353,21 @@ _SPLIT_AXES = {
     "hook_z": 2,
     "hook_result": 2,
     "hook_attn_scores": 1,
+    "hook_attn_scores_capped": 1,
     "hook_pattern": 1,
     "hook_pre": -1,
     "hook_pre_linear": -1,
     "hook_post": -1,
 }
+
+
+def split_axis(name: str) -> int | None:
+    """The axis along which hook `name`'s tensor is split among processes, or None if it is whole.
+    A per-head q/k norm's hooks are split by head, (batch, pos, heads, d_head or 1)."""
+    module, _, leaf = name.rpartition(".")
+    if module.endswith((".q_norm", ".k_norm")):
+        return 2
+    return _SPLIT_AXES.get(leaf)
 
 
 def gather_cache(model: Transformer, cache: ActivationCache) -> ActivationCache:
