@@ -65,6 +65,42 @@ def test_every_cell_appears_in_order(kw):
     assert all(s.values.numel() > 0 for s in trace.steps)
 
 
+def test_gemma_style_cells_are_traced_with_their_own_numbers():
+    """q/k norms, the configured scale, the sliding window, soft-capping, the norms after each cell
+    and the capped logits each show as a step, read from its own hook."""
+    cfg = gf.Config(
+        n_layers=1,
+        d_model=8,
+        n_heads=2,
+        d_vocab=11,
+        n_ctx=8,
+        positional="rotary",
+        norm="rmsnorm",
+        norm_position="sandwich",
+        act="geglu",
+        qk_norm="head",
+        attn_scale=0.3,
+        sliding_window=2,
+        attn_softcap=1.5,
+        final_softcap=4.0,
+    )
+    model = gf.Transformer(cfg, seed=0)
+    trace = gf.trace(model, torch.tensor([[1, 2, 3, 4, 5]]), position=4)
+    cells = [s.cell for s in trace.steps]
+    for needed in ("query norm", "key norm", "soft-capping", "RMSNorm (of the attention output)"):
+        assert needed in cells
+    assert "sliding window of 2 keys" in step(trace, "attention mask").op
+    assert torch.isinf(step(trace, "attention mask").values[:, :3]).all()  # keys 0-2 are outside the window
+    q = step(trace, "query norm").values
+    dots = step(trace, "attention scores", "q · k").values
+    torch.testing.assert_close(step(trace, "attention scores", "× the configured").values, dots * 0.3)
+    capped = [s for s in trace.steps if s.cell == "soft-capping"]
+    assert capped[0].hook == "blocks.0.attn.hook_attn_scores_capped" and capped[-1].hook == "hook_logits"
+    assert capped[-1].values.abs().max() < 4.0 and q.shape == (2, 4)
+    assert step(trace, "attention output").op == "attn_out = norm(Σ_h result_h + b_O)"
+    assert step(trace, "MLP activation").op == "post = gelu_tanh(gate) · lin"
+
+
 @pytest.mark.parametrize(("position", "batch_index"), [(3, 0), (-4, 0), (0, 1)])
 def test_a_position_or_sequence_outside_the_input_is_a_clear_error(position, batch_index):
     model, tokens, _ = two_heads()
