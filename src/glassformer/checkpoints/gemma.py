@@ -14,16 +14,8 @@ from typing import Any
 from torch import Tensor
 
 from glassformer.checkpoints import rope
-from glassformer.checkpoints.llama import Layout, bias_kinds, family, hf_body, rotary_decoder
-from glassformer.checkpoints.tables import (
-    PLAIN_DECODER,
-    HFState,
-    Transform,
-    activation,
-    fit,
-    hf_layer_types,
-    sliding_layers,
-)
+from glassformer.checkpoints.llama import Layout, bias_kinds, family, fit_rotary, hf_body, rotary_decoder
+from glassformer.checkpoints.tables import HFState, Transform, activation, hf_layer_types, sliding_layers
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -83,21 +75,11 @@ def version(cfg: Config) -> str:
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     model_type = version(cfg)
     later = model_type != "gemma"
-    holds = {**PLAIN_DECODER, "norm_position": "sandwich" if later else "pre", "embed_scale": cfg.d_model**0.5}
-    holds["rotary_scaling"] = cfg.rotary_scaling
+    holds: dict[str, Any] = {"norm_position": "sandwich" if later else "pre", "embed_scale": cfg.d_model**0.5}
     if later:  # what Gemma 2/3 can hold, whatever it is
         holds |= dict(sliding_window=cfg.sliding_window, attn_scale=cfg.attn_scale, attn_softcap=cfg.attn_softcap)
         holds |= dict(final_softcap=cfg.final_softcap, rotary_base_local=cfg.rotary_base_local, qk_norm=cfg.qk_norm)
-    fit(
-        cfg,
-        model_type,
-        **holds,
-        positional="rotary",
-        rotary_dim=cfg.d_head,
-        norm="rmsnorm",
-        act="geglu",
-        parallel_attn_mlp=False,
-    )
+    fit_rotary(cfg, model_type, **holds, rotary_scaling=cfg.rotary_scaling, act="geglu")
     if model_type == "gemma3_text" and cfg.attn_softcap is not None:
         raise CheckpointError("cannot be written as gemma3_text: it has no attention soft-capping")
     biases = bias_kinds(state, cfg)

@@ -157,20 +157,16 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
     )
 
 
+def fit_rotary(cfg: Config, family: str, **needs: Any) -> None:
+    """`fit` for a Llama-laid-out family: a plain sequential decoder with full rotate-half rotary,
+    RMSNorm and SwiGLU, unless `needs` says otherwise (what the family can also hold)."""
+    base = dict(PLAIN_DECODER, positional="rotary", rotary_dim=cfg.d_head, norm="rmsnorm", act="swiglu")
+    fit(cfg, family, **{**base, "parallel_attn_mlp": False, **needs})
+
+
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     qk_norm = "head" if cfg.qk_norm == "head" else "none"  # Qwen3's, or none
-    holds = {**PLAIN_DECODER, "sliding_window": cfg.sliding_window, "qk_norm": qk_norm}
-    holds["rotary_scaling"] = cfg.rotary_scaling
-    fit(
-        cfg,
-        "llama",
-        **holds,
-        positional="rotary",
-        rotary_dim=cfg.d_head,
-        norm="rmsnorm",
-        act="swiglu",
-        parallel_attn_mlp=False,
-    )
+    fit_rotary(cfg, "llama", sliding_window=cfg.sliding_window, qk_norm=qk_norm, rotary_scaling=cfg.rotary_scaling)
     biases = bias_kinds(state, cfg)
     if cfg.qk_norm == "head":  # Qwen3: q/k norms; biases on all four attention maps or none
         if biases["mlp"]:

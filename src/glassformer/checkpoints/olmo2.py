@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
-from glassformer.checkpoints.llama import Layout, bias_kinds, family, hf_body, rotary_decoder
-from glassformer.checkpoints.tables import PLAIN_DECODER, HFState, fit
+from glassformer.checkpoints.llama import Layout, bias_kinds, family, fit_rotary, hf_body, rotary_decoder
+from glassformer.checkpoints.tables import HFState
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -20,16 +20,7 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
 
 
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
-    fit(
-        cfg,
-        "olmo2",
-        **{**PLAIN_DECODER, "norm_position": "output", "qk_norm": "projection"},
-        positional="rotary",
-        rotary_dim=cfg.d_head,
-        norm="rmsnorm",
-        act="swiglu",
-        parallel_attn_mlp=False,
-    )
+    fit_rotary(cfg, "olmo2", norm_position="output", qk_norm="projection")
     biases = bias_kinds(state, cfg)
     if biases["mlp"] or biases["qkv_only"]:
         raise CheckpointError("cannot be written as olmo2: its biases are on all four attention maps or none")

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from glassformer.checkpoints.llama import Layout, bias_kinds, family, hf_body, rotary_decoder
-from glassformer.checkpoints.tables import PLAIN_DECODER, HFState, Transform, fit, same, sliding_layers
+from glassformer.checkpoints.llama import Layout, bias_kinds, family, fit_rotary, hf_body, rotary_decoder
+from glassformer.checkpoints.tables import HFState, Transform, same, sliding_layers
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
@@ -40,14 +40,12 @@ def config(hf: dict[str, Any], get: HFState) -> Config:
 
 
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
-    fit(
+    fit_rotary(
         cfg,
         "phi3",
-        **{**PLAIN_DECODER, "sliding_window": cfg.sliding_window, "rotary_scaling": cfg.rotary_scaling},
-        positional="rotary",
-        norm="rmsnorm",
-        act="swiglu",
-        parallel_attn_mlp=False,
+        sliding_window=cfg.sliding_window,
+        rotary_scaling=cfg.rotary_scaling,
+        rotary_dim=cfg.rotary_dim,  # partial rotary: any
         d_head=cfg.d_model // cfg.n_heads,
         layer_types=["full" if cfg.sliding_window is None else "sliding"] * cfg.n_layers,
     )
