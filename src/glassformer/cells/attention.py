@@ -2,8 +2,8 @@
 
 Fast by default, visible on request: the fused kernel (`scaled_dot_product_attention`) runs unless
 someone hooks `hook_attn_scores` or `hook_pattern`, or the scores are soft-capped (Gemma 2: the
-kernel cannot); the per-head `result` (n_heads times larger
-than the merged output) exists only when `hook_result` is hooked.
+kernel cannot); the per-head `result` (n_heads times larger than the merged output) exists only
+when `hook_result` is hooked.
 
 Legend: batch, pos (queries), k_pos (keys), n_heads, n_kv_heads, d_head, d_model.
 """
