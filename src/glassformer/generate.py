@@ -97,6 +97,30 @@ def _start(
     return prompt, valid, cache, encoder_out, encoder_mask
 
 
+def prefill(
+    model: HookedRoot,
+    tokens: Tensor,
+    valid: Tensor,
+    cache: KVCache,
+    encoder_out: Tensor | None,
+    encoder_mask: AttentionMask | None,
+) -> Tensor:
+    """Run `tokens (batch, pos)` (real where `valid`) into the cache in one pass (uncompiled);
+    next-token logits (batch, d_vocab). Positions count real tokens only."""
+    cache.advance(valid)
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos)
+    return model.decode(tokens, positions, cache, encoder_out, encoder_mask)
+
+
+def rerotation_point(model: HookedRoot) -> int | None:
+    """The cache length at which decoding recomputes every key: LongRoPE's original context, where its
+    short factors give way to the long ones for the whole sequence (as Phi-3 does in transformers:
+    the keys cached so far were rotated with the short factors). None for every other rotary."""
+    blocks = (model.decoder if model.cfg.arch == "encoder-decoder" else model).blocks
+    rotary = blocks[0].attn.rotary
+    return rotary.original if rotary is not None and rotary.kind == "longrope" else None
+
+
 def new_cache(model: HookedRoot, batch: int, max_len: int, src_len: int | None = None) -> KVCache:
     """An empty KV cache for the decoder's layers, in the model's dtype and on its device."""
     blocks = (model.decoder if model.cfg.arch == "encoder-decoder" else model).blocks
@@ -137,13 +161,12 @@ def stream(
         prompt, valid, cache, encoder_out, encoder_mask = _start(
             model, tokens, attention_mask, max_new_tokens, decoder_start_token_id
         )
-        positions = (valid.cumsum(-1) - 1).clamp(min=0)  # (batch, pos): real tokens only
         next_position = valid.sum(-1, keepdim=True)  # (batch, 1)
         finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         one_real = torch.ones(prompt.shape[0], 1, dtype=torch.bool, device=prompt.device)
         stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt.device)
-        cache.advance(valid)
-        logits = model.decode(prompt, positions, cache, encoder_out, encoder_mask)  # prefill, uncompiled
+        logits = prefill(model, prompt, valid, cache, encoder_out, encoder_mask)
+        restart = rerotation_point(model)
         for i in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (batch,)
             if stops:
@@ -152,8 +175,14 @@ def stream(
             yield token
             if i == max_new_tokens - 1 or bool(finished.all()):
                 return
-            cache.advance(one_real)
-            logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask)
+            if restart is not None:
+                prompt, valid = torch.cat([prompt, token[:, None]], 1), torch.cat([valid, one_real], 1)
+            if cache.length == restart:  # the sequence outgrows the short factors: every key again, rotated long
+                cache.truncate(0)
+                logits = prefill(model, prompt, valid, cache, encoder_out, encoder_mask)
+            else:
+                cache.advance(one_real)
+                logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask)
             next_position = next_position + 1
 
 

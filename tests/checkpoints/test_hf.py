@@ -79,6 +79,33 @@ def build(family):
                 },
             )
         ),
+        "gemma3-scaled": lambda: t.Gemma3ForCausalLM(  # the global layers' rotary scaled, the local ones not
+            t.Gemma3TextConfig(
+                **{**SMALL_LLAMA, "num_hidden_layers": 6},
+                head_dim=16,
+                sliding_window=4,
+                initializer_range=0.3,
+                rope_parameters={
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                },
+            )
+        ),
+        "phi3-longrope": lambda: t.Phi3ForCausalLM(
+            t.Phi3Config(
+                **{**SMALL_LLAMA, "max_position_embeddings": 64},
+                original_max_position_embeddings=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                initializer_range=0.3,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0, 1.5, 2.0, 2.5],
+                    "long_factor": [2.0, 4.0, 6.0, 8.0],
+                },
+            )
+        ),
         "olmo2": lambda: t.Olmo2ForCausalLM(t.Olmo2Config(**SMALL_LLAMA, pad_token_id=0)),
         "phi3": lambda: t.Phi3ForCausalLM(
             t.Phi3Config(
@@ -163,14 +190,16 @@ DECODERS = [
     "gemma",
     "gemma2",
     "gemma3",
+    "gemma3-scaled",
     "olmo2",
     "phi3",
+    "phi3-longrope",
     "pythia",
     "neox-sequential",
     "gptj",
 ]
 # Families whose attention slides: decoding must cross the window.
-WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "phi3"]
+WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "gemma3-scaled", "phi3"]
 FAMILIES = DECODERS
 
 
@@ -397,7 +426,7 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2", "phi3-longrope"])
 def test_greedy_generation_matches_transformers(family):
     """Same 48 new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
     hf = build(family)

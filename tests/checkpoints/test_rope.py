@@ -65,11 +65,12 @@ def test_scaled_llama_matches_transformers_past_the_original_context(variant):
     assert (ref.hidden_states[2] - cache["ln_final.hook_normalized"]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("variant", ["dynamic", "longrope"])
+@pytest.mark.parametrize("variant", ["dynamic"])
 def test_greedy_generation_across_the_original_context_matches_transformers(variant):
-    """Dynamic NTK recomputes its frequencies as the sequence grows past the original context, and
-    LongRoPE switches to its long factors there; keys already cached keep their rotation. 48 new
-    tokens from a 6-token prompt cross the 16-position context, with a left-padded row."""
+    """Dynamic NTK recomputes its frequencies as the sequence grows past the original context; keys
+    already cached keep their rotation. 48 new tokens from a 6-token prompt cross the 16-position
+    context, with a left-padded row. (LongRoPE re-rotates every cached key there, as transformers'
+    Phi-3 does and its Llama does not: tested on Phi-3 in test_hf.py.)"""
     hf = build(variant)
     model = gf.Transformer.from_hf(hf)
     prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
