@@ -73,3 +73,28 @@ def test_chat_needs_a_template_and_well_formed_messages(chat_model):
 
 def test_shared_prefix():
     assert shared_prefix([1, 2, 3], [1, 2, 4, 5]) == 2 and shared_prefix([], [1]) == 0
+
+
+def test_longrope_keys_are_re_rotated_when_the_conversation_outgrows_the_original_context(chat_model):
+    """Past LongRoPE's original context every key takes the long factors: the chat's cached answer and
+    generate's both equal greedy decoding by a full forward over the whole sequence at each step."""
+    import dataclasses
+
+    tok = chat_model.tokenizer
+    messages = [{"role": "user", "content": "The cat sat"}]
+    prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=False)
+    scaling = {"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [3.0, 6.0, 9.0, 12.0]}
+    scaling["original_n_ctx"] = len(prompt) + 3  # the switch comes in the middle of the answer
+    model = gf.Transformer(dataclasses.replace(chat_model.cfg, rotary_scaling=scaling, init_std=0.3), seed=0).eval()
+    model.tokenizer = tok
+    tokens, stops = list(prompt), set(tok.stop_ids())
+    with torch.no_grad():
+        for _ in range(10):
+            token = int(model(torch.tensor([tokens]))[0, -1].argmax())
+            if token in stops:
+                break
+            tokens.append(token)
+    assert len(tokens) > len(prompt) + 4  # the answer crossed the switch
+    assert model.chat(messages, max_new_tokens=10) == tok.decode(tokens[len(prompt) :])
+    generated = model.generate(torch.tensor([prompt]), max_new_tokens=len(tokens) - len(prompt))
+    assert generated[0].tolist() == tokens

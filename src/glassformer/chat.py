@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from glassformer.errors import InputError
-from glassformer.generate import new_cache, sample
+from glassformer.generate import new_cache, rerotation_point, sample
 from glassformer.hooks import HookedRoot
 from glassformer.kv_cache import KVCache
 
@@ -76,6 +76,10 @@ class ChatSession:
     def _feed(self, ids: list[int]) -> Tensor:
         """Run `ids` after what the cache holds; the next-token logits (1, d_vocab)."""
         cache = self._fit(len(self.ids) + len(ids))
+        restart = rerotation_point(self.model)
+        if restart is not None and len(self.ids) <= restart < len(self.ids) + len(ids):  # LongRoPE turns long
+            ids, self.ids = self.ids + ids, []
+            cache.truncate(0)
         start = len(self.ids)
         device = self.model.embed.W_E.device
         cache.advance(torch.ones(1, len(ids), dtype=torch.bool, device=device))
