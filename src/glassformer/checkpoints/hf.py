@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gpt2, llama, neox
+from glassformer.checkpoints import bart, bert, gpt2, llama, moe, neox
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -31,6 +31,8 @@ def families() -> dict[str, Family]:
         "gpt_neox": neox.FAMILY,
         "bart": bart.FAMILY,
         "marian": bart.FAMILY,
+        "mixtral": moe.MIXTRAL_FAMILY,
+        "qwen2_moe": moe.QWEN2_MOE_FAMILY,
     }
 
 

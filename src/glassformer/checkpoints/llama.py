@@ -11,6 +11,7 @@ from glassformer.checkpoints.tables import (
     PLAIN_DECODER,
     Family,
     HFState,
+    Row,
     fit,
     map_biases,
     map_rows,
@@ -77,22 +78,30 @@ def qkv_bias(hf: dict[str, Any]) -> bool:
     return hf["model_type"] == "qwen2" or bool(hf.get("attention_bias"))
 
 
-def weights(get: HFState, cfg: Config) -> dict[str, Tensor]:
+def weights(get: HFState, cfg: Config, layer: list[Row] = LAYER, biases: list[Row] = BIASES) -> dict[str, Tensor]:
+    """Our tensors from theirs; `layer`/`biases` are the rows of each layer (a family that replaces
+    the MLP passes fewer)."""
     state = {"embed.W_E": get("embed_tokens.weight"), "ln_final.w": get("norm.weight")}
     if not cfg.tie_embeddings:
         state["unembed.weight"] = get("lm_head.weight")
     for i in range(cfg.n_layers):
         ours, theirs = f"blocks.{i}.", f"layers.{i}."
-        state |= map_rows(get, LAYER, cfg, ours, theirs)
+        state |= map_rows(get, layer, cfg, ours, theirs)
         if cfg.bias:
-            state |= map_biases(get, BIASES, cfg, ours, theirs, like=state["embed.W_E"])
+            state |= map_biases(get, biases, cfg, ours, theirs, like=state["embed.W_E"])
     if cfg.bias:
         state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
     return state
 
 
 def nonzero(state: dict[str, Tensor], cfg: Config, *names: str) -> bool:
-    return any(bool(state[f"blocks.{i}.{n}"].any()) for i in range(cfg.n_layers) for n in names if cfg.bias)
+    """Whether any layer has a non-zero tensor among `names` (those the model lacks count as zero)."""
+    return any(
+        bool(state[f"blocks.{i}.{n}"].any())
+        for i in range(cfg.n_layers)
+        for n in names
+        if cfg.bias and f"blocks.{i}.{n}" in state
+    )
 
 
 def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
@@ -137,7 +146,8 @@ def hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
     }
 
 
-def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+def export(state: dict[str, Tensor], cfg: Config, layer: list[Row] = LAYER) -> dict[str, Tensor]:
+    """Their tensors from ours, under their names without the model prefix; `layer` as for `weights`."""
     require_zero(state, ["unembed.b_U"], "a Llama-family model")
     attention_bias = nonzero(state, cfg, "attn.qkv_bias", "attn.b_O")
     mlp_bias = nonzero(state, cfg, "mlp.b_in", "mlp.b_out")
@@ -145,7 +155,7 @@ def export(state: dict[str, Tensor], cfg: Config) -> dict[str, Tensor]:
     biases = BIASES[:1] if qwen2 else BIASES[:2] * attention_bias + BIASES[2:] * mlp_bias
     out = {"embed_tokens.weight": state["embed.W_E"], "norm.weight": state["ln_final.w"]}
     for i in range(cfg.n_layers):
-        out |= unmap_rows(state, LAYER + biases, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
+        out |= unmap_rows(state, layer + biases, cfg, ours=f"blocks.{i}.", theirs=f"layers.{i}.")
     return out
 
 

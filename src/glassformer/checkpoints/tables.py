@@ -161,6 +161,7 @@ PLAIN_DECODER = dict(
     n_token_types=0,
     head_transform=False,
     pooler=False,
+    n_experts=0,
 )
 
 
