@@ -46,6 +46,12 @@ def build(family):
         ),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL_LLAMA)),
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**SMALL_LLAMA, sliding_window=None)),
+        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**SMALL_MOE, num_local_experts=4, sliding_window=None)),
+        "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
+            t.Qwen2MoeConfig(
+                **SMALL_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=40
+            )
+        ),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -59,11 +65,14 @@ def build(family):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            if name.endswith("mlp.gate.weight"):  # a decisive router: no near-ties between experts
+                p.normal_(0, 1.0)
         if hasattr(model, "final_logits_bias"):
             model.final_logits_bias.normal_(0, 0.1)
     return model
 
 
+SMALL_MOE = {**SMALL_LLAMA, "num_hidden_layers": 2, "intermediate_size": 24, "num_experts_per_tok": 2}
 NEOX = dict(
     hidden_size=32,
     num_hidden_layers=3,
@@ -93,7 +102,18 @@ SEQ2SEQ = dict(
     pad_token_id=1,
     decoder_start_token_id=2,
 )
-DECODERS = ["gpt2", "gpt2-untied-relu", "llama", "llama-mqa-tied", "qwen2", "mistral", "pythia", "neox-sequential"]
+DECODERS = [
+    "gpt2",
+    "gpt2-untied-relu",
+    "llama",
+    "llama-mqa-tied",
+    "qwen2",
+    "mistral",
+    "mixtral",
+    "qwen2-moe",
+    "pythia",
+    "neox-sequential",
+]
 FAMILIES = DECODERS
 
 
@@ -318,18 +338,18 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "mixtral", "qwen2-moe"])
 def test_greedy_generation_matches_transformers(family):
-    """Same new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
+    """Same 48 new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
     hf = build(family)
     model = gf.Transformer.from_hf(hf)
     prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompt)
     mask[0, :2] = 0
     expected = hf.generate(
-        prompt, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=0, eos_token_id=None
+        prompt, attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0, eos_token_id=None
     )
-    assert torch.equal(model.generate(prompt, 15, attention_mask=mask), expected)
+    assert torch.equal(model.generate(prompt, 48, attention_mask=mask), expected)
 
 
 def test_greedy_generation_matches_transformers_encoder_decoder():
