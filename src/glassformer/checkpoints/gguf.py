@@ -8,6 +8,9 @@ the `gguf` package and dequantized by `gguf.quants`; nothing here parses the for
 
 llama.cpp stores the Q and K rows of Llama-architecture models permuted for its interleaved rotary
 (`convert_hf_to_gguf.py`'s `permute`); reading undoes that permutation and writing applies it.
+It stacks a mixture's experts into one `(n_experts, …)` tensor per projection (`ffn_gate_exps`), where
+Hugging Face checkpoints hold one tensor per expert: a row whose Hugging Face name has `{e}` is that
+stack, split on reading and stacked on writing. Mixtral is the `llama` architecture with experts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from glassformer.checkpoints import moe
 from glassformer.checkpoints.files import atomic_write
 from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
 from glassformer.checkpoints.hf import convert, export
@@ -30,8 +34,9 @@ from glassformer.config import Config
 from glassformer.errors import CheckpointError
 from glassformer.tokenizer import TextTokenizer
 
-# One row: llama.cpp's tensor name and the Hugging Face one ("{i}" is the layer), whether the
-# Hugging Face tensor is the transpose of the GGUF one (GPT-2's Conv1D stores (in, out)).
+# One row: llama.cpp's tensor name and the Hugging Face one ("{i}" is the layer, "{e}" the expert of a
+# stacked tensor), whether the Hugging Face tensor is the transpose of the GGUF one (GPT-2's Conv1D
+# stores (in, out)).
 Names = list[tuple[str, str, bool]]
 
 
@@ -41,6 +46,19 @@ def _layer(prefix: str, rows: list[tuple[str, str]], transposed: tuple[str, ...]
         (f"blk.{{i}}.{ours}.{kind}", f"{prefix}{theirs}.{kind}", kind == "weight" and ours in transposed)
         for ours, theirs in rows
         for kind in ("weight", "bias")
+    ]
+
+
+def _experts(prefix: str, table: moe.Experts) -> Names:
+    """Per-layer rows of a mixture: the router, and each projection's experts stacked in one tensor."""
+    block = prefix + table.blocks[0]
+    stacks = zip(("gate", "up", "down"), table.projections, strict=True)
+    return [
+        ("blk.{i}.ffn_gate_inp.weight", f"{block}gate.weight", False),
+        *(
+            (f"blk.{{i}}.ffn_{kind}_exps.weight", f"{block}experts.{{e}}.{theirs}.weight", False)
+            for kind, theirs in stacks
+        ),
     ]
 
 
@@ -67,6 +85,15 @@ LLAMA_SETTINGS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
+    "expert_count": "num_local_experts",  # Mixtral
+    "expert_used_count": "num_experts_per_tok",
+}
+QWEN2MOE_SETTINGS = {
+    **{k: v for k, v in LLAMA_SETTINGS.items() if not k.startswith("expert_")},
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
 LLAMA_NAMES = [
     ("token_embd.weight", "model.embed_tokens.weight", False),
@@ -84,6 +111,19 @@ LLAMA_NAMES = [
             ("ffn_gate", "mlp.gate_proj"),
             ("ffn_up", "mlp.up_proj"),
             ("ffn_down", "mlp.down_proj"),
+        ],
+    ),
+]
+MIXTRAL_NAMES = _experts("model.layers.{i}.", moe.MIXTRAL)
+QWEN2MOE_NAMES = [
+    *_experts("model.layers.{i}.", moe.QWEN2_MOE),
+    *_layer(
+        "model.layers.{i}.mlp.",
+        [
+            ("ffn_gate_inp_shexp", "shared_expert_gate"),  # llama.cpp: a (d_model,) vector
+            ("ffn_gate_shexp", "shared_expert.gate_proj"),
+            ("ffn_up_shexp", "shared_expert.up_proj"),
+            ("ffn_down_shexp", "shared_expert.down_proj"),
         ],
     ),
 ]
@@ -131,8 +171,27 @@ def _neox_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     return {"rotary_pct": meta.get("gptneox.rope.dimension_count", head) / head}
 
 
+def _llama_experts(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """A `llama` file with experts is Mixtral (llama.cpp renormalises its top-k weights)."""
+    return {"model_type": "mixtral", "norm_topk_prob": True} if hf.get("num_local_experts") else {}
+
+
 ARCHITECTURES = {
-    "llama": Architecture("llama", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}, permuted_qk=True),
+    "llama": Architecture(
+        "llama",
+        LLAMA_SETTINGS,
+        LLAMA_NAMES + MIXTRAL_NAMES,
+        {"hidden_act": "silu"},
+        permuted_qk=True,
+        extra=_llama_experts,
+    ),
+    # llama.cpp's qwen2moe never renormalises the top-k weights and always has Q/K/V biases
+    "qwen2moe": Architecture(
+        "qwen2_moe",
+        QWEN2MOE_SETTINGS,
+        LLAMA_NAMES + QWEN2MOE_NAMES,
+        {"hidden_act": "silu", "norm_topk_prob": False, "qkv_bias": True},
+    ),
     "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
     "gpt2": Architecture(
         "gpt2",
@@ -167,7 +226,15 @@ ARCHITECTURES = {
     ),
 }
 # The GGUF architecture each Hugging Face family is written as (Mistral is "llama" in llama.cpp).
-WRITTEN_AS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "gpt_neox": "gptneox"}
+WRITTEN_AS = {
+    "llama": "llama",
+    "mistral": "llama",
+    "mixtral": "llama",
+    "qwen2": "qwen2",
+    "qwen2_moe": "qwen2moe",
+    "gpt2": "gpt2",
+    "gpt_neox": "gptneox",
+}
 
 
 def permute_qk(w: Tensor, n_heads: int, inverse: bool = False) -> Tensor:
@@ -244,7 +311,7 @@ def tensor_names(arch: Architecture, hf: dict[str, Any]) -> Names:
     """The table's rows for every layer of a model with Hugging Face config `hf`."""
     layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
     return [
-        (ours.format(i=i), theirs.format(i=i), transposed)
+        (ours.format(i=i), theirs.format(i=i, e="{e}"), transposed)
         for ours, theirs, transposed in arch.names
         for i in (range(layers) if "{i}" in ours else [None])
     ]
@@ -310,7 +377,10 @@ def hf_tensors(
         if arch.permuted_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             heads = hf["num_attention_heads"] if ".attn_q." in gguf_name else hf["num_key_value_heads"]
             t = permute_qk(t, heads, inverse=True)
-        tensors[theirs] = t.T.contiguous() if transposed else t
+        if "{e}" in theirs:  # (n_experts, …): one tensor per expert, each its own copy
+            tensors |= {theirs.format(e=e): expert.clone() for e, expert in enumerate(t)}
+        else:
+            tensors[theirs] = t.T.contiguous() if transposed else t
     return tensors, hf
 
 
@@ -350,7 +420,10 @@ def write_gguf(
     hf, tensors = export(cfg, {k: v.detach().float().cpu() for k, v in state.items()})
     architecture = WRITTEN_AS[hf["model_type"]]
     arch = ARCHITECTURES[architecture]
-    from_hf = {theirs: (ours, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
+    implied = [f"{k}={hf[k]!r} (it implies {v!r})" for k, v in arch.defaults.items() if hf.get(k, v) != v]
+    if implied:
+        raise CheckpointError(f"the GGUF {architecture} architecture cannot hold {', '.join(implied)}")
+    named = gguf_tensors(arch, hf, tensors)
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -366,9 +439,7 @@ def write_gguf(
             writer.add_value_length(cfg.d_head)
         for key, value in vocabulary.items():
             _add(writer, key, value)
-        for theirs, t in tensors.items():
-            ours, transposed = from_hf[theirs]
-            t = t.T if transposed else t
+        for ours, t in named.items():
             if arch.permuted_qk and ours.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
                 t = permute_qk(t, cfg.n_heads if ".attn_q." in ours else cfg.n_kv_heads)
             data, kind = _quantized(t.contiguous().numpy(), dtype)
@@ -380,6 +451,31 @@ def write_gguf(
 
     atomic_write(path, write)
     return path
+
+
+def gguf_tensors(arch: Architecture, hf: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face tensors under llama.cpp's names, in their order: transposed where the table says,
+    each projection's experts stacked into one (n_experts, …) tensor, a one-row matrix as a vector."""
+    n_experts = hf.get(arch.settings.get("expert_count", ""), 0)
+    rows = {}
+    for ours, theirs, transposed in tensor_names(arch, hf):
+        if "{e}" in theirs:
+            rows |= {theirs.format(e=e): (ours, transposed, e) for e in range(n_experts)}
+        else:
+            rows[theirs] = (ours, transposed, None)
+    out: dict[str, Tensor] = {}
+    stacks: dict[str, dict[int, Tensor]] = {}
+    for theirs, t in tensors.items():
+        ours, transposed, e = rows[theirs]
+        t = t.T if transposed else t
+        if e is None:
+            out[ours] = t[0] if t.dim() == 2 and t.shape[0] == 1 else t  # Qwen2-MoE's shared expert gate
+            continue
+        stacks.setdefault(ours, {})[e] = t
+        if len(stacks[ours]) == n_experts:
+            experts = stacks.pop(ours)
+            out[ours] = torch.stack([experts[i] for i in range(n_experts)])  # (n_experts, rows, cols)
+    return out
 
 
 def _value_type(value: Any) -> gguf.GGUFValueType:
