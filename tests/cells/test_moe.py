@@ -178,4 +178,4 @@ def test_a_model_with_experts_builds_initialises_and_runs():
     tokens = torch.randint(0, 11, (2, 6))
     logits, cache = model.run_with_cache(tokens)
     assert logits.shape == (2, 6, 11) and torch.isfinite(logits).all()
-    assert cache["blocks.1.mlp.hook_expert_weights"].shape == (2, 6, 3)
+    assert cache["expert_weights", 1].shape == cache["router_logits", 1].shape == (2, 6, 3)  # short names
