@@ -48,6 +48,13 @@ def test_explicit_fields_win_over_derivation():
         ({"rotary_base": None}, ["rotary_base=None", "number"]),
         ({"bias": "yes"}, ["bias='yes'", "True or False"]),
         ({"tie_embeddings": 1}, ["tie_embeddings=1", "True or False"]),
+        ({"n_experts": -1}, ["n_experts=-1", "non-negative"]),
+        ({"n_experts": 4, "n_experts_per_token": 5}, ["n_experts_per_token=5", "n_experts=4"]),
+        ({"n_experts": 4, "n_experts_per_token": 0}, ["n_experts_per_token=0", "positive"]),
+        ({"n_experts": 4, "d_expert_mlp": 0}, ["d_expert_mlp=0", "positive"]),
+        ({"n_experts": 4, "attn_only": True}, ["n_experts=4", "attn_only=True"]),
+        ({"d_shared_expert_mlp": 2.0}, ["d_shared_expert_mlp=2.0", "non-negative integer"]),
+        ({"norm_topk_prob": 0}, ["norm_topk_prob=0", "True or False"]),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(changes, words):
@@ -60,8 +67,8 @@ def test_bad_values_name_field_value_and_expectation(changes, words):
 def test_dict_round_trip_and_unknown_fields():
     cfg = gf.Config(**BASE, positional="rotary", act="swiglu", extra={"source": "test"})
     assert gf.Config.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown fields \\['n_experts'\\]"):
-        gf.Config.from_dict({**cfg.to_dict(), "n_experts": 8})
+    with pytest.raises(ValueError, match="unknown fields \\['n_wizards'\\]"):
+        gf.Config.from_dict({**cfg.to_dict(), "n_wizards": 8})
 
 
 @pytest.mark.parametrize(
@@ -95,3 +102,9 @@ def test_rotary_scaling_round_trips_through_a_dict():
 def test_shared_norm_needs_a_parallel_block():
     with pytest.raises(ValueError, match="shared_norm=True needs parallel_attn_mlp=True"):
         gf.Config(**BASE, shared_norm=True)
+
+
+def test_expert_width_defaults_to_the_mlp_width():
+    cfg = gf.Config(**BASE, d_mlp=48, n_experts=4)
+    assert (cfg.d_expert_mlp, cfg.n_experts_per_token, cfg.norm_topk_prob, cfg.d_shared_expert_mlp) == (48, 2, True, 0)
+    assert gf.Config(**BASE).d_expert_mlp is None  # a dense model has no experts to size

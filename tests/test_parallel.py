@@ -154,6 +154,11 @@ def test_indivisible_sizes_fail_before_any_communication():
         parallel.shard(make({}))
 
 
+def test_a_mixture_of_experts_is_refused_before_any_communication():
+    with pytest.raises(ValueError, match="does not split a mixture of experts yet \\(Config.n_experts=4\\)"):
+        parallel.check_divisible(make(dict(act="swiglu", n_experts=4)).cfg, 2)
+
+
 def die_or_wait(rank, world, port, result_path):
     join(rank, world, port)
     model = parallel.shard(make({}))

@@ -1,6 +1,6 @@
 """`Config`: every architectural choice of a model in one validated dataclass.
 
-Derived sizes (d_head, n_kv_heads, d_mlp, n_decoder_layers, rotary_dim) are filled in once, in
+Derived sizes (d_head, n_kv_heads, d_mlp, n_decoder_layers, rotary_dim, d_expert_mlp) are filled in once, in
 `__post_init__`, so no cell ever recomputes them. A bad value raises `ValueError` naming the field,
 the value and what was expected.
 """
@@ -130,6 +130,11 @@ class Config:
     n_token_types: int = 0  # segment embeddings (BERT); 0 = none
     head_transform: bool = False  # dense + act + norm before the unembedding (BERT's MLM head)
     pooler: bool = False  # tanh(dense(first token)) summary vector (BERT)
+    n_experts: int = 0  # mixture of experts in place of every MLP (Mixtral, Qwen-MoE); 0 = a dense MLP
+    n_experts_per_token: int = 2  # experts each token is routed to (top-k of the router's softmax)
+    d_expert_mlp: int | None = None  # hidden units of each expert; defaults to d_mlp
+    norm_topk_prob: bool = True  # rescale the chosen experts' weights to sum to 1 (Mixtral yes, Qwen2-MoE no)
+    d_shared_expert_mlp: int = 0  # an always-on expert with a sigmoid gate (Qwen2-MoE); 0 = none
     bias: bool = True
     tie_embeddings: bool = False
     dropout: float = 0.0
@@ -162,6 +167,7 @@ class Config:
             "bias",
             "tie_embeddings",
             "rotary_interleaved",
+            "norm_topk_prob",
         )
         for name in flags:
             _flag(name, getattr(self, name))
@@ -217,6 +223,7 @@ class Config:
             raise ValueError("Config.shared_norm=True needs parallel_attn_mlp=True (only a parallel block shares ln1)")
         if self.rotary_scaling is not None:
             check_rotary_scaling(self.rotary_scaling, self.rotary_dim)
+        self._check_experts()
 
     def _check_layer_types(self) -> None:
         """Fill `layer_types` (all "sliding" when there is a window, else all "full") and check it."""
@@ -239,6 +246,25 @@ class Config:
         if self.sliding_window is None:
             return None
         return self.sliding_window if self.layer_types[layer] == "sliding" else None
+
+    def _check_experts(self) -> None:
+        """A mixture of experts: whole numbers of experts, top-k among them, an MLP to replace."""
+        for name in ("n_experts", "d_shared_expert_mlp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Config.{name}={value!r} must be a non-negative integer")
+        if not self.n_experts:
+            return
+        if self.d_expert_mlp is None:
+            self.d_expert_mlp = self.d_mlp
+        for name in ("n_experts_per_token", "d_expert_mlp"):
+            _positive(name, getattr(self, name))
+        if self.n_experts_per_token > self.n_experts:
+            raise ValueError(
+                f"Config.n_experts_per_token={self.n_experts_per_token} must be at most n_experts={self.n_experts}"
+            )
+        if self.attn_only:
+            raise ValueError(f"Config.n_experts={self.n_experts} replaces the MLP, but attn_only=True has none")
 
     @property
     def gated(self) -> bool:

@@ -96,6 +96,8 @@ _SHORT_NAMES = {
     "pre": "mlp.hook_pre",
     "pre_linear": "mlp.hook_pre_linear",
     "post": "mlp.hook_post",
+    "router_logits": "mlp.hook_router_logits",
+    "expert_weights": "mlp.hook_expert_weights",
     "scale": "ln1.hook_scale",
     "normalized": "ln1.hook_normalized",
 }

@@ -201,7 +201,13 @@ def clip_grad_norm_(model: Transformer, max_norm: float) -> Tensor:
 
 
 def check_divisible(cfg: Config, world: int) -> None:
-    """Heads, key/value heads and MLP width must split evenly: checked before any communication."""
+    """Heads, key/value heads and MLP width must split evenly, and there must be no mixture of
+    experts (not split yet): checked before any communication."""
+    if cfg.n_experts:
+        raise ValueError(
+            f"tensor parallelism does not split a mixture of experts yet (Config.n_experts={cfg.n_experts}); "
+            "run the model on one process"
+        )
     sizes = {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads}
     if not cfg.attn_only:
         sizes["d_mlp"] = cfg.d_mlp

@@ -149,6 +149,13 @@ def small_hf(family, vocab_size):
             t.LlamaConfig(**SMALL, vocab_size=vocab_size, tie_word_embeddings=True)
         ),
         "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**SMALL, vocab_size=vocab_size)),
+        # transformers reads neither expert width from a qwen2moe file: the defaults (1408, 5632) it is
+        "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
+            t.Qwen2MoeConfig(**SMALL, vocab_size=vocab_size, num_experts=4, num_experts_per_tok=2)
+        ),
+        "mixtral": lambda: t.MixtralForCausalLM(
+            t.MixtralConfig(**SMALL, vocab_size=vocab_size, num_local_experts=4, sliding_window=None)
+        ),
         # transformers reads a GPT-2 file's context_length as n_ctx and keeps n_positions at its default
         # 1024, so it opens only GPT-2 files of 1024 positions (llama.cpp opens any)
         "gpt2": lambda: t.GPT2LMHeadModel(
@@ -190,6 +197,8 @@ def small_hf(family, vocab_size):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.02)
+            if name.endswith("mlp.gate.weight"):  # a decisive router: no near-ties between experts
+                p.normal_(0, 1.0)
     return model
 
 
@@ -206,7 +215,8 @@ def tokenizer():
 
 # every family in float32; the storage types where their layout differs (llama's permuted Q/K rows, GPT-2's
 # transposed matrices): each case loads the file in transformers, about 10 s here
-CASES = [(f, "f32") for f in ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3")] + [
+FAMILIES_F32 = ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2-moe")
+CASES = [(f, "f32") for f in FAMILIES_F32] + [
     ("llama", "f16"),
     ("llama", "q8_0"),
     ("gpt2", "q8_0"),
@@ -255,6 +265,34 @@ def test_what_llama_cpp_fixes_for_gemma_is_refused_before_writing(tmp_path, toke
     windowed.tokenizer = tokenizer
     with pytest.raises(gf.CheckpointError, match="GGUF qwen2: its sliding window"):
         windowed.to_gguf(tmp_path / "qwen2.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+@torch.no_grad()
+def test_mixtral_round_trip_keeps_the_numbers(tmp_path, tokenizer, dtype):
+    """llama.cpp stores Mixtral as `llama` with stacked experts, which transformers opens as a dense
+    Llama: the original model is the reference."""
+    hf = small_hf("mixtral", tokenizer.vocab_size)
+    model = gf.Transformer.from_hf(hf)
+    model.tokenizer = tokenizer
+    path = model.to_gguf(tmp_path / "mixtral.gguf", dtype=dtype)
+    stored = {t.name: tuple(reversed(t.shape.tolist())) for t in gguf.GGUFReader(path).tensors}
+    assert stored["blk.1.ffn_gate_exps.weight"] == (4, 96, 64) and stored["blk.1.ffn_down_exps.weight"] == (4, 64, 96)
+    assert stored["blk.0.ffn_gate_inp.weight"] == (4, 64)
+    ours = gf.Transformer.from_gguf(path)
+    assert (ours.cfg.n_experts, ours.cfg.n_experts_per_token, ours.cfg.extra["hf_model_type"]) == (4, 2, "mixtral")
+    tokens = torch.randint(0, tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    tolerance = 1e-4 if dtype == "f32" else 0.05
+    assert (ours(tokens) - hf(tokens).logits).abs().max() <= tolerance
+
+
+def test_a_qwen2moe_file_holds_no_renormalised_routing(tmp_path, tokenizer):
+    model = gf.Transformer.from_hf(small_hf("qwen2-moe", tokenizer.vocab_size))
+    model.cfg.norm_topk_prob = True
+    model.tokenizer = tokenizer
+    with pytest.raises(gf.CheckpointError, match="GGUF qwen2moe: norm_topk_prob=True"):
+        model.to_gguf(tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -335,7 +373,8 @@ def test_unsupported_architecture_is_named_with_the_supported_ones(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(gf.CheckpointError, match=r"'mamba' is not supported; supported: gpt2, gptneox, llama"):
+    supported = "gemma, gemma2, gemma3, gpt2, gptneox, llama, olmo2"
+    with pytest.raises(gf.CheckpointError, match=rf"'mamba' is not supported; supported: {supported}"):
         gf.Transformer.from_gguf(tmp_path / "mamba.gguf")
 
 

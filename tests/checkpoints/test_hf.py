@@ -117,6 +117,12 @@ def build(family):
             )
         ),
         "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(**GPTJ)),
+        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**SMALL_MOE, num_local_experts=4, sliding_window=None)),
+        "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
+            t.Qwen2MoeConfig(
+                **SMALL_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=40
+            )
+        ),
         "pythia": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, rotary_pct=0.25)),
         "neox-sequential": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**NEOX, use_parallel_residual=False)),
         "bert-mlm": lambda: t.BertForMaskedLM(t.BertConfig(**BERT)),
@@ -130,6 +136,8 @@ def build(family):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            if name.endswith("mlp.gate.weight"):  # a decisive router: no near-ties between experts
+                p.normal_(0, 1.0)
         if hasattr(model, "final_logits_bias"):
             model.final_logits_bias.normal_(0, 0.1)
     return model
@@ -147,6 +155,7 @@ GPTJ = dict(
     bos_token_id=0,
     eos_token_id=0,
 )
+SMALL_MOE = {**SMALL_LLAMA, "num_hidden_layers": 2, "intermediate_size": 24, "num_experts_per_tok": 2}
 NEOX = dict(
     hidden_size=32,
     num_hidden_layers=3,
@@ -197,6 +206,8 @@ DECODERS = [
     "pythia",
     "neox-sequential",
     "gptj",
+    "mixtral",
+    "qwen2-moe",
 ]
 # Families whose attention slides: decoding must cross the window.
 WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "gemma3-scaled", "phi3"]
@@ -426,7 +437,10 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2", "phi3-longrope"])
+GREEDY = ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2", "phi3-longrope", "mixtral", "qwen2-moe"]
+
+
+@pytest.mark.parametrize("family", GREEDY)
 def test_greedy_generation_matches_transformers(family):
     """Same 48 new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
     hf = build(family)

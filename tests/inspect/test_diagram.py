@@ -89,6 +89,18 @@ def test_equal_sizes_are_still_told_apart():
     assert ("hook_embed", "(seq, d_model=4)", "blocks.0.hook_resid_pre") in edges  # no positions: embed alone
 
 
+def test_a_mixture_of_experts_draws_router_experts_and_shared_expert():
+    m = model(act="swiglu", d_mlp=20, n_experts=4, n_experts_per_token=2, d_expert_mlp=8, d_shared_expert_mlp=6)
+    nodes, edges = parse(diagram(m))
+    assert set(m.hook_dict) <= nodes  # every expert's hooks, also those no dummy token is routed to
+    mlp = "blocks.0.mlp"
+    assert (f"{mlp}.hook_router_logits", "(seq, n_experts=4)", f"{mlp}.hook_expert_weights") in edges
+    assert (f"{mlp}.hook_expert_weights", "(seq, n_experts=4)", f"{mlp}.hook_expert_out.3") in edges
+    assert (f"{mlp}.experts.3.hook_post", "(d_expert_mlp=8)", f"{mlp}.hook_expert_out.3") in edges  # routed rows
+    assert (f"{mlp}.shared_expert.hook_post", "(seq, d_shared_expert_mlp=6)", f"{mlp}.hook_shared_out") in edges
+    assert ("blocks.0.ln2.hook_normalized", "(seq, d_model=8)", f"{mlp}.hook_router_logits") in edges
+
+
 def test_encoder_decoder_draws_cross_attention_from_the_encoder_output():
     m = model(arch="encoder-decoder")
     text = diagram(m)

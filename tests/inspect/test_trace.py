@@ -99,6 +99,23 @@ def test_gemma_style_cells_are_traced_with_their_own_numbers():
     assert capped[-1].values.abs().max() < 4.0 and q.shape == (2, 4)
     assert step(trace, "attention output").op == "attn_out = norm(Σ_h result_h + b_O)"
     assert step(trace, "MLP activation").op == "post = gelu_tanh(gate) · lin"
+def test_a_mixture_of_experts_shows_router_weights_and_each_chosen_expert():
+    cfg = gf.Config(
+        n_layers=1, d_model=8, n_heads=2, d_vocab=11, n_ctx=6, act="swiglu", n_experts=4, d_shared_expert_mlp=6
+    )
+    model = gf.Transformer(cfg, seed=0)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    trace = gf.trace(model, tokens, position=1)
+    _, cache = model.run_with_cache(tokens)
+    weights = cache["blocks.0.mlp.hook_expert_weights"][0, 1]
+    chosen = [s for s in trace.steps if ".hook_expert_out." in s.hook]
+    assert [s.cell for s in chosen] == [f"expert {e}" for e in weights.nonzero().flatten().tolist()]
+    assert len(chosen) == 2
+    assert step(trace, "router").shape == step(trace, "expert weights").shape == (1, 4, 4)
+    torch.testing.assert_close(step(trace, "expert weights").values, weights)
+    shared = step(trace, "shared expert").values
+    torch.testing.assert_close(sum(s.values for s in chosen) + shared, step(trace, "MLP output").values)
+    assert step(trace, "MLP output").op == "mlp_out = Σ_e expert_out_e + shared" and "residual add" in str(trace)
 
 
 @pytest.mark.parametrize(("position", "batch_index"), [(3, 0), (-4, 0), (0, 1)])

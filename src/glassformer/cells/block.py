@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from glassformer.cells.attention import Attention, AttentionMask
 from glassformer.cells.mlp import MLP
+from glassformer.cells.moe import MoE
 from glassformer.cells.norm import make_norm
 from glassformer.cells.position import Rotary
 from glassformer.config import Config
@@ -49,7 +50,7 @@ class Block(nn.Module):
             self.ln_cross = make_norm(cfg)
             self.hook_cross_attn_out = HookPoint()  # (batch, pos, d_model)
             self.hook_resid_mid_cross = HookPoint()  # (batch, pos, d_model)
-        self.mlp = None if cfg.attn_only else MLP(cfg)
+        self.mlp = None if cfg.attn_only else MoE(cfg) if cfg.n_experts else MLP(cfg)
         if self.mlp is not None:
             if cfg.shared_norm:  # GPT-J: the MLP reads ln1's output too
                 self.ln2 = None

@@ -8,6 +8,9 @@ the `gguf` package and dequantized by `gguf.quants`; nothing here parses the for
 
 llama.cpp stores the Q and K rows of Llama-architecture models permuted for its interleaved rotary
 (`convert_hf_to_gguf.py`'s `permute`); reading undoes that permutation and writing applies it.
+It stacks a mixture's experts into one `(n_experts, …)` tensor per projection (`ffn_gate_exps`), where
+Hugging Face checkpoints hold one tensor per expert: a row whose Hugging Face name has `{e}` is that
+stack, split on reading and stacked on writing. Mixtral is the `llama` architecture with experts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from glassformer.checkpoints import moe
 from glassformer.checkpoints.files import atomic_write
 from glassformer.checkpoints.gguf_rope import FREQS, frequency_divisors, gguf_rope_scaling, rope_scaling
 from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
@@ -31,8 +35,9 @@ from glassformer.config import Config
 from glassformer.errors import CheckpointError
 from glassformer.tokenizer import TextTokenizer
 
-# One row: llama.cpp's tensor name and the Hugging Face one ("{i}" is the layer), whether the
-# Hugging Face tensor is the transpose of the GGUF one (GPT-2's Conv1D stores (in, out)).
+# One row: llama.cpp's tensor name and the Hugging Face one ("{i}" is the layer, "{e}" the expert of a
+# stacked tensor), whether the Hugging Face tensor is the transpose of the GGUF one (GPT-2's Conv1D
+# stores (in, out)).
 Names = list[tuple[str, str, bool]]
 
 
@@ -42,6 +47,19 @@ def _layer(prefix: str, rows: list[tuple[str, str]], transposed: tuple[str, ...]
         (f"blk.{{i}}.{ours}.{kind}", f"{prefix}{theirs}.{kind}", kind == "weight" and ours in transposed)
         for ours, theirs in rows
         for kind in ("weight", "bias")
+    ]
+
+
+def _experts(prefix: str, table: moe.Experts) -> Names:
+    """Per-layer rows of a mixture: the router, and each projection's experts stacked in one tensor."""
+    block = prefix + table.blocks[0]
+    stacks = zip(("gate", "up", "down"), table.projections, strict=True)
+    return [
+        ("blk.{i}.ffn_gate_inp.weight", f"{block}gate.weight", False),
+        *(
+            (f"blk.{{i}}.ffn_{kind}_exps.weight", f"{block}experts.{{e}}.{theirs}.weight", False)
+            for kind, theirs in stacks
+        ),
     ]
 
 
@@ -70,6 +88,15 @@ LLAMA_SETTINGS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "rope.freq_base": "rope_theta",
     "vocab_size": "vocab_size",
+    "expert_count": "num_local_experts",  # Mixtral
+    "expert_used_count": "num_experts_per_tok",
+}
+QWEN2MOE_SETTINGS = {
+    **{k: v for k, v in LLAMA_SETTINGS.items() if not k.startswith("expert_")},
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
 GPT2_NAMES = [
     ("token_embd.weight", "transformer.wte.weight", False),
@@ -144,6 +171,19 @@ LLAMA_ROWS = [
     ("ffn_down", "mlp.down_proj"),
 ]
 LLAMA_NAMES = _rotary_layers("model.layers.{i}.", LLAMA_ROWS)
+MIXTRAL_NAMES = _experts("model.layers.{i}.", moe.MIXTRAL)
+QWEN2MOE_NAMES = [
+    *_experts("model.layers.{i}.", moe.QWEN2_MOE),
+    *_layer(
+        "model.layers.{i}.mlp.",
+        [
+            ("ffn_gate_inp_shexp", "shared_expert_gate"),  # llama.cpp: a (d_model,) vector
+            ("ffn_gate_shexp", "shared_expert.gate_proj"),
+            ("ffn_up_shexp", "shared_expert.up_proj"),
+            ("ffn_down_shexp", "shared_expert.down_proj"),
+        ],
+    ),
+]
 QK_NORM_ROWS = [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]
 # Gemma 2/3 and OLMo 2 norm their cells' outputs (and Gemma 2/3's ffn_norm is the norm before the MLP).
 POST_NORM_ROWS = [("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]
@@ -175,6 +215,11 @@ def _gemma_fits(cfg: Config) -> str | None:
     return None
 
 
+def _llama_experts(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """A `llama` file with experts is Mixtral (llama.cpp renormalises its top-k weights)."""
+    return {"model_type": "mixtral", "norm_topk_prob": True} if hf.get("num_local_experts") else {}
+
+
 GEMMA = {"hidden_activation": "gelu_pytorch_tanh"}
 GEMMA2_SETTINGS = {
     **LLAMA_SETTINGS,
@@ -183,7 +228,21 @@ GEMMA2_SETTINGS = {
     "final_logit_softcapping": "final_logit_softcapping",
 }
 ARCHITECTURES = {
-    "llama": Architecture("llama", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}, permuted_qk=True),
+    "llama": Architecture(
+        "llama",
+        LLAMA_SETTINGS,
+        LLAMA_NAMES + MIXTRAL_NAMES,
+        {"hidden_act": "silu"},
+        permuted_qk=True,
+        extra=_llama_experts,
+    ),
+    # llama.cpp's qwen2moe never renormalises the top-k weights and always has Q/K/V biases
+    "qwen2moe": Architecture(
+        "qwen2_moe",
+        QWEN2MOE_SETTINGS,
+        LLAMA_NAMES + QWEN2MOE_NAMES,
+        {"hidden_act": "silu", "norm_topk_prob": False, "qkv_bias": True},
+    ),
     "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
     "qwen3": Architecture(
         "qwen3", LLAMA_SETTINGS, _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS), {"hidden_act": "silu"}
@@ -272,7 +331,9 @@ ARCHITECTURES = {
 WRITTEN_AS = {
     "llama": "llama",
     "mistral": "llama",
+    "mixtral": "llama",
     "qwen2": "qwen2",
+    "qwen2_moe": "qwen2moe",
     "qwen3": "qwen3",
     "phi3": "phi3",
     "gemma": "gemma",
@@ -358,7 +419,7 @@ def tensor_names(arch: Architecture, hf: dict[str, Any]) -> Names:
     """The table's rows for every layer of a model with Hugging Face config `hf`."""
     layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
     return [
-        (ours.format(i=i), theirs.format(i=i), transposed)
+        (ours.format(i=i), theirs.format(i=i, e="{e}"), transposed)
         for ours, theirs, transposed in arch.names
         for i in (range(layers) if "{i}" in ours else [None])
     ]
@@ -431,7 +492,10 @@ def hf_tensors(
             t = permute_qk(t, heads, inverse=True)
         if arch.norm_shift and gguf_name.endswith("norm.weight"):
             t = t - arch.norm_shift
-        tensors[theirs] = t.T.contiguous() if transposed else t
+        if "{e}" in theirs:  # (n_experts, …): one tensor per expert, each its own copy
+            tensors |= {theirs.format(e=e): expert.clone() for e, expert in enumerate(t)}
+        else:
+            tensors[theirs] = t.T.contiguous() if transposed else t
     return tensors, hf
 
 
@@ -474,15 +538,15 @@ def write_gguf(
     architecture = WRITTEN_AS[hf["model_type"]]
     rope_meta, rope_tensors = gguf_rope_scaling(cfg)  # before anything is written: it raises on what GGUF lacks
     arch = ARCHITECTURES[architecture]
-    from_hf = {theirs: (ours, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     misfit = arch.writable(cfg) if arch.writable is not None else None
     if misfit is None and cfg.sliding_window is not None and "attention.sliding_window" not in arch.settings:
         misfit = "its sliding window, which llama.cpp does not apply to this architecture"
-    homeless = sorted(set(tensors) - set(from_hf))
-    if misfit is None and homeless:
-        misfit = f"tensors its table has no name for: {', '.join(homeless[:4])}"
+    implied = [f"{k}={hf[k]!r} (it implies {v!r})" for k, v in arch.defaults.items() if hf.get(k, v) != v]
+    if misfit is None and implied:
+        misfit = ", ".join(implied)
     if misfit is not None:
         raise CheckpointError(f"cannot be written as GGUF {architecture}: {misfit}")
+    named = gguf_tensors(arch, hf, tensors, architecture)
     path = Path(path)
 
     def write(tmp: Path) -> None:
@@ -500,9 +564,7 @@ def write_gguf(
             _add(writer, f"{architecture}.{key}", value)
         for key, value in vocabulary.items():
             _add(writer, key, value)
-        for theirs, t in tensors.items():
-            ours, transposed = from_hf[theirs]
-            t = t.T if transposed else t
+        for ours, t in named.items():
             if arch.permuted_qk and ours.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
                 t = permute_qk(t, cfg.n_heads if ".attn_q." in ours else cfg.n_kv_heads)
             if arch.norm_shift and ours.endswith("norm.weight"):
@@ -518,6 +580,39 @@ def write_gguf(
 
     atomic_write(path, write)
     return path
+
+
+def gguf_tensors(
+    arch: Architecture, hf: dict[str, Any], tensors: dict[str, Tensor], architecture: str
+) -> dict[str, Tensor]:
+    """Hugging Face tensors under llama.cpp's names, in their order: transposed where the table says,
+    each projection's experts stacked into one (n_experts, …) tensor, a one-row matrix as a vector.
+    A tensor the table has no name for is a CheckpointError (nothing is written)."""
+    n_experts = hf.get(arch.settings.get("expert_count", ""), 0)
+    rows = {}
+    for ours, theirs, transposed in tensor_names(arch, hf):
+        if "{e}" in theirs:
+            rows |= {theirs.format(e=e): (ours, transposed, e) for e in range(n_experts)}
+        else:
+            rows[theirs] = (ours, transposed, None)
+    homeless = sorted(set(tensors) - set(rows))
+    if homeless:
+        raise CheckpointError(
+            f"cannot be written as GGUF {architecture}: tensors its table has no name for: {', '.join(homeless[:4])}"
+        )
+    out: dict[str, Tensor] = {}
+    stacks: dict[str, dict[int, Tensor]] = {}
+    for theirs, t in tensors.items():
+        ours, transposed, e = rows[theirs]
+        t = t.T if transposed else t
+        if e is None:
+            out[ours] = t[0] if t.dim() == 2 and t.shape[0] == 1 else t  # Qwen2-MoE's shared expert gate
+            continue
+        stacks.setdefault(ours, {})[e] = t
+        if len(stacks[ours]) == n_experts:
+            experts = stacks.pop(ours)
+            out[ours] = torch.stack([experts[i] for i in range(n_experts)])  # (n_experts, rows, cols)
+    return out
 
 
 def _value_type(value: Any) -> gguf.GGUFValueType:

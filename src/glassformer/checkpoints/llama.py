@@ -67,12 +67,14 @@ BIASES = [
 
 @dataclass(frozen=True)
 class Layout:
-    """How a rotary decoder's checkpoint stores a layer: its attention and MLP rows, and the
-    transform of every norm gain (Gemma stores `w - 1`)."""
+    """How a rotary decoder's checkpoint stores a layer: its attention and MLP rows (none when a
+    mixture of experts replaces the MLP), their bias rows, and the transform of every norm gain
+    (Gemma stores `w - 1`)."""
 
     norm: Transform = same
     attention: Sequence[Row] = tuple(ATTENTION)
     mlp: Sequence[Row] = tuple(MLP)
+    biases: Sequence[Row] = tuple(BIASES)
 
     def layer(self, cfg: Config) -> list[Row]:
         norms = NORMS[cfg.norm_position] + (QK_NORMS if cfg.qk_norm != "none" else [])
@@ -90,7 +92,7 @@ class Layout:
             ours, theirs = f"blocks.{i}.", f"layers.{i}."
             state |= map_rows(get, self.layer(cfg), cfg, ours, theirs)
             if cfg.bias:
-                state |= map_biases(get, BIASES, cfg, ours, theirs, like=state["embed.W_E"])
+                state |= map_biases(get, self.biases, cfg, ours, theirs, like=state["embed.W_E"])
         if cfg.bias:
             state["unembed.b_U"] = zeros_like_bias(cfg.d_vocab, state["embed.W_E"])
         return state
@@ -108,7 +110,13 @@ class Layout:
 
 
 def nonzero(state: dict[str, Tensor], cfg: Config, *names: str) -> bool:
-    return any(bool(state[f"blocks.{i}.{n}"].any()) for i in range(cfg.n_layers) for n in names if cfg.bias)
+    """Whether any layer has a non-zero tensor among `names` (those the model lacks count as zero)."""
+    return any(
+        bool(state[f"blocks.{i}.{n}"].any())
+        for i in range(cfg.n_layers)
+        for n in names
+        if cfg.bias and f"blocks.{i}.{n}" in state
+    )
 
 
 def bias_kinds(state: dict[str, Tensor], cfg: Config) -> dict[str, bool]:

@@ -176,6 +176,7 @@ PLAIN_DECODER = dict(
     attn_softcap=None,
     final_softcap=None,
     qk_norm="none",
+    n_experts=0,
 )
 
 

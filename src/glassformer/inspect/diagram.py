@@ -32,6 +32,8 @@ from glassformer.model import Transformer
 # Sizes of the twin model used to name axes: all different, all above 1.
 _TWIN = dict(d_model=14, n_heads=6, d_head=4, d_mlp=17, d_vocab=19)
 _TWIN_KV_HEADS = 2  # grouped-query twins; otherwise n_kv_heads = n_heads
+_TWIN_EXPERTS = dict(n_experts=9, n_experts_per_token=2, d_expert_mlp=11)  # mixture-of-experts twins
+_TWIN_SHARED_EXPERT = 13  # d_shared_expert_mlp, when there is one
 _SEQ, _SRC_SEQ = 3, 5  # dummy lengths: the sequence (decoder side) and the encoder's source
 
 
@@ -117,7 +119,11 @@ def twin_config(cfg: Config) -> Config:
     """The same wiring with sizes that are all different, to tell axes apart by their size."""
     n_kv_heads = _TWIN["n_heads"] if cfg.n_kv_heads == cfg.n_heads else _TWIN_KV_HEADS
     n_ctx = max(_SEQ, _SRC_SEQ, 8)
-    return dataclasses.replace(cfg, **_TWIN, n_kv_heads=n_kv_heads, n_ctx=n_ctx, rotary_dim=None, dropout=0.0)
+    experts = {}
+    if cfg.n_experts:
+        experts = _TWIN_EXPERTS | {"d_shared_expert_mlp": _TWIN_SHARED_EXPERT if cfg.d_shared_expert_mlp else 0}
+    twin = dict(n_kv_heads=n_kv_heads, n_ctx=n_ctx, rotary_dim=None, dropout=0.0)
+    return dataclasses.replace(cfg, **_TWIN, **twin, **experts)
 
 
 def axis_names(cfg: Config) -> dict[str, list[str]]:
@@ -126,6 +132,9 @@ def axis_names(cfg: Config) -> dict[str, list[str]]:
     model = Transformer(twin, seed=0)
     sizes = {twin.n_kv_heads: "n_kv_heads", twin.n_heads: "n_heads", twin.d_model: "d_model"}  # n_heads wins ties
     sizes |= {twin.d_head: "d_head", twin.d_mlp: "d_mlp", twin.d_vocab: "d_vocab"}
+    if twin.n_experts:  # expert hooks see (routed tokens, d_expert_mlp): the routed axis stands where batch does
+        sizes |= {twin.n_experts: "n_experts", twin.d_expert_mlp: "d_expert_mlp"}
+        sizes |= {_TWIN_SHARED_EXPERT: "d_shared_expert_mlp"}
     if cfg.arch == "encoder-decoder":
         sizes |= {_SEQ: "tgt_seq", _SRC_SEQ: "src_seq"}
     else:

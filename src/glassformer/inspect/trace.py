@@ -168,7 +168,7 @@ class _Walker:
                 "resid_mid_cross",
                 lambda: self.attention(f"{prefix}.cross_attn", causal=False),
             )
-        if self.has(f"{prefix}.mlp.hook_pre"):
+        if self.has(f"{prefix}.hook_mlp_out"):
             before = "resid_mid_cross" if self.has(f"{prefix}.hook_resid_mid_cross") else "resid_mid"
             self.sublayer(prefix, "ln2", "MLP", "mlp_out", before, "resid_post", lambda: self.mlp(f"{prefix}.mlp"))
         else:
@@ -181,7 +181,7 @@ class _Walker:
         self.add("attention output", "attn_out = Σ_h result_h + b_O", f"{prefix}.hook_attn_out")
         self.norm(f"{prefix}.ln2", "before MLP")
         self.mlp(f"{prefix}.mlp")
-        self.add("MLP output", "mlp_out = post @ W_out + b_out", f"{prefix}.hook_mlp_out")
+        self.add("MLP output", f"mlp_out = {self.mlp_merge(f'{prefix}.mlp')}", f"{prefix}.hook_mlp_out")
         self.add("residual add", "resid_post = resid_pre + attn_out + mlp_out", f"{prefix}.hook_resid_post")
 
     def sublayer(self, prefix: str, ln: str, what: str, out: str, before: str, after: str, cell: Callable) -> None:
@@ -191,7 +191,7 @@ class _Walker:
         if not post_norm:
             self.norm(f"{prefix}.{ln}", f"before {what}")
         cell()
-        merge = "Σ_h result_h + b_O" if what.endswith("attention") else "post @ W_out + b_out"
+        merge = "Σ_h result_h + b_O" if what.endswith("attention") else self.mlp_merge(f"{prefix}.mlp")
         if self.has(f"{prefix}.{ln}_post.hook_normalized"):
             self.norm(f"{prefix}.{ln}_post", f"of the {what} output")
             merge = f"norm({merge})"
@@ -201,9 +201,17 @@ class _Walker:
             added = f"norm({added})"
         self.add("residual add", f"{after} = {added}", f"{prefix}.hook_{after}")
 
+    def mlp_merge(self, m: str) -> str:
+        """The MLP's last operation, as a formula."""
+        if not self.has(f"{m}.hook_router_logits"):
+            return "post @ W_out + b_out"
+        return "Σ_e expert_out_e + shared" if self.has(f"{m}.hook_shared_out") else "Σ_e expert_out_e"
+
     def mlp(self, m: str) -> None:
         act = self.model.cfg.act
-        if self.has(f"{m}.hook_pre_linear"):
+        if self.has(f"{m}.hook_router_logits"):
+            self.experts(m)
+        elif self.has(f"{m}.hook_pre_linear"):
             self.add("MLP gate", "gate = x @ W_gate", f"{m}.hook_pre")
             self.add("MLP in", "lin = x @ W_in + b_in", f"{m}.hook_pre_linear")
             gate = "gelu_tanh" if act == "geglu" else "silu"
@@ -211,6 +219,21 @@ class _Walker:
         else:
             self.add("MLP in", "pre = x @ W_in + b_in", f"{m}.hook_pre")
             self.add("MLP activation", f"post = {act}(pre)", f"{m}.hook_post")
+
+    def experts(self, m: str) -> None:
+        """Router, routing weights, the write of each expert the token is routed to, the shared expert."""
+        cfg = self.model.cfg
+        self.add("router", "logits = x @ W_router", f"{m}.hook_router_logits")
+        renorm = ", renormalised to sum 1" if cfg.norm_topk_prob else ""
+        op = f"top-{cfg.n_experts_per_token} of softmax(logits){renorm}, 0 elsewhere"
+        self.add("expert weights", op, f"{m}.hook_expert_weights")
+        weights = self.cache[f"{m}.hook_expert_weights"][self.b, self.p]  # (n_experts,)
+        for e in weights.nonzero().flatten().tolist():
+            op = f"expert_out_{e} = {weights[e].item():.3f} · expert_{e}(x)  (SwiGLU MLP)"
+            self.add(f"expert {e}", op, f"{m}.hook_expert_out.{e}")
+        if self.has(f"{m}.hook_shared_out"):
+            self.add("shared expert gate", "gate = sigmoid(x @ W_shared_gate)", f"{m}.hook_shared_gate")
+            self.add("shared expert", "shared = gate · shared_expert(x)", f"{m}.hook_shared_out")
 
 
 def trace(
