@@ -118,6 +118,9 @@ def build(family):
         ),
         "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(**GPTJ)),
         "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(**SMALL_MOE, num_local_experts=4, sliding_window=None)),
+        "qwen3-moe": lambda: t.Qwen3MoeForCausalLM(
+            t.Qwen3MoeConfig(**SMALL_MOE, num_experts=4, moe_intermediate_size=16, head_dim=12, norm_topk_prob=True)
+        ),
         "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
             t.Qwen2MoeConfig(**SMALL_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=40)
         ),
@@ -224,6 +227,7 @@ DECODERS = [
     "gptj",
     "mixtral",
     "qwen2-moe",
+    "qwen3-moe",
 ]
 # Families whose attention slides: decoding must cross the window.
 WINDOWED = ["mistral", "qwen2-sliding", "qwen3-sliding-bias", "gemma2", "gemma3", "gemma3-scaled", "phi3"]
@@ -458,7 +462,19 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-GREEDY = ["gpt2", "llama", "pythia", "gptj", "qwen3", "gemma", "olmo2", "phi3-longrope", "mixtral", "qwen2-moe"]
+GREEDY = [
+    "gpt2",
+    "llama",
+    "pythia",
+    "gptj",
+    "qwen3",
+    "gemma",
+    "olmo2",
+    "phi3-longrope",
+    "mixtral",
+    "qwen2-moe",
+    "qwen3-moe",
+]
 
 
 @pytest.mark.parametrize("family", GREEDY)

@@ -41,6 +41,7 @@ def families() -> dict[str, Family]:
         "t5": t5.FAMILY,
         "mixtral": moe.MIXTRAL_FAMILY,
         "qwen2_moe": moe.QWEN2_MOE_FAMILY,
+        "qwen3_moe": moe.QWEN3_MOE_FAMILY,
     }
 
 

@@ -1,6 +1,6 @@
-"""Mixture-of-experts families (`mixtral`, `qwen2_moe`): Llama-family norms and attention (llama.py's
-rows: Mixtral's are Mistral's, Qwen2-MoE's are Qwen2's), and in place of the MLP a router, SwiGLU
-experts and, in Qwen2-MoE, a shared expert with a sigmoid gate.
+"""Mixture-of-experts families (`mixtral`, `qwen2_moe`, `qwen3_moe`): Llama-family norms and attention
+(llama.py's rows: Mixtral's are Mistral's, Qwen2-MoE's Qwen2's, Qwen3-MoE's Qwen3's, q/k norms included),
+and in place of the MLP a router, SwiGLU experts and, in Qwen2-MoE, a shared expert with a sigmoid gate.
 
 Saved checkpoints hold one tensor per expert and projection (Mixtral's under `block_sparse_moe.`,
 named w1/w3/w2); a transformers 5 model in memory stacks them, gate and up together in
@@ -95,12 +95,17 @@ def mixtral_config(hf: dict[str, Any], get: HFState) -> Config:
     return moe_config(hf, get, "mistral", n_experts=hf["num_local_experts"], d_expert_mlp=hf["intermediate_size"])
 
 
-def qwen2_moe_config(hf: dict[str, Any], get: HFState) -> Config:
+def every_layer_sparse(hf: dict[str, Any]) -> None:
+    """Qwen's MoE configs may keep dense MLPs in some layers: not supported yet, said so."""
     if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
         raise CheckpointError(
-            f"qwen2_moe with dense MLP layers (decoder_sparse_step={hf.get('decoder_sparse_step')}, "
+            f"{hf['model_type']} with dense MLP layers (decoder_sparse_step={hf.get('decoder_sparse_step')}, "
             f"mlp_only_layers={hf.get('mlp_only_layers')}) is not supported yet: every layer must be a mixture"
         )
+
+
+def qwen2_moe_config(hf: dict[str, Any], get: HFState) -> Config:
+    every_layer_sparse(hf)
     return moe_config(
         hf,
         get,
@@ -110,6 +115,18 @@ def qwen2_moe_config(hf: dict[str, Any], get: HFState) -> Config:
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         d_shared_expert_mlp=hf["shared_expert_intermediate_size"],
         bias=bool(hf.get("qkv_bias", True)),
+    )
+
+
+def qwen3_moe_config(hf: dict[str, Any], get: HFState) -> Config:
+    every_layer_sparse(hf)
+    return moe_config(
+        hf,
+        get,
+        "qwen3",
+        n_experts=hf.get("num_experts") or hf["num_local_experts"],  # transformers 5 names it as Mixtral does
+        d_expert_mlp=hf["moe_intermediate_size"],
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
     )
 
 
@@ -183,6 +200,22 @@ def qwen2_moe_hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]
     }
 
 
+def qwen3_moe_hf_config(cfg: Config, state: dict[str, Tensor]) -> dict[str, Any]:
+    hf = base_config(cfg, state, "qwen3_moe", qk_norm="head", d_shared_expert_mlp=0)
+    return hf | {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "intermediate_size": cfg.d_mlp,
+        "num_experts": cfg.n_experts,
+        "moe_intermediate_size": cfg.d_expert_mlp,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "attention_bias": llama.nonzero(state, cfg, "attn.qkv_bias", "attn.b_O"),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
 PREFIXES = ("model.",)
 MIXTRAL_FAMILY = Family(mixtral_config, weights_of(MIXTRAL), PREFIXES, export_of(MIXTRAL), mixtral_hf_config)
 QWEN2_MOE_FAMILY = Family(qwen2_moe_config, weights_of(QWEN2_MOE), PREFIXES, export_of(QWEN2_MOE), qwen2_moe_hf_config)
+QWEN3_MOE_FAMILY = Family(qwen3_moe_config, weights_of(QWEN2_MOE), PREFIXES, export_of(QWEN2_MOE), qwen3_moe_hf_config)
