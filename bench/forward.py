@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import families  # noqa: E402
 from lean import LeanConfig, LeanGPT  # noqa: E402
 
 import glassformer as gf  # noqa: E402
@@ -106,10 +107,16 @@ def cpu_flags() -> str:
 
 def versions() -> dict[str, str]:
     """Versions of every library whose speed is compared, and the glassformer commit timed."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # a peer outside the `bench` extra: the GPT-2 run needs it, not the others
+            return "not installed"
 
     names = ("torch", "transformers", "transformer-lens", "glassformer")
-    return {"python": platform.python_version(), **{name: version(name) for name in names}, "commit": git_commit()}
+    return {"python": platform.python_version(), **{name: installed(name) for name in names}, "commit": git_commit()}
 
 
 def git_commit() -> str:
@@ -520,6 +527,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per shape (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case and shape (default 1)")
     parser.add_argument("--peer", choices=("tl3", "tl4"), default="tl3", help="TransformerLens version to compare")
+    parser.add_argument(
+        "--model",
+        choices=("gpt2", *families.MODELS),
+        default="gpt2",
+        help="GPT-2 small (every peer), or a Gemma-3- / Qwen3-shaped model against transformers (bench/families.py)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 1x128, 3 repeats")
     parser.add_argument(
         "--patience", type=float, default=300.0, help="seconds to wait for other processes before a round (300)"
@@ -591,6 +604,53 @@ def print_report(cases: dict[str, Case], labels: list[str], peer: str, ceiling: 
     print(spread_table(cases, labels))
 
 
+def family_report(cases: dict[str, Case], labels: list[str], glass: gf.Transformer, ceiling: float) -> str:
+    """Markdown for a bench/families.py model: glassformer against transformers, its share of the
+    matmul ceiling, run_with_cache against the plain forward, and the issue's forward target."""
+    head = (
+        "| batch×pos | glassformer (s) | HF sdpa (s) | gf/HF | target gf/HF ≤ 0.8 | GFLOP | gf GFLOP/s "
+        "| gf % of ceiling | gf run_with_cache (s) | cache/forward |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = []
+    for label in labels:
+        g, h, c = (med(cases[n], label) for n in ("glassformer", "HF", "glassformer cache"))
+        flops = families.forward_flops(glass, *parse_shape(label))
+        rows.append(
+            f"| {label} | {g:.3f} | {h:.3f} | {g / h:.3f} | {'PASS' if g / h <= 0.8 else 'FAIL'} | {flops / 1e9:.1f} "
+            f"| {flops / g / 1e9:.1f} | {100 * flops / g / 1e9 / ceiling:.0f}% | {c:.3f} | {c / g:.2f} |"
+        )
+    return "\n".join([head, *rows])
+
+
+def run_family(args: argparse.Namespace, labels: list[str], quiet: list[tuple[str, float]]) -> None:
+    """forward.py --model gemma3|qwen3: glassformer (from_hf, the default path) against transformers."""
+    dropped: dict[str, int] = {}
+    with torch.inference_mode():
+        ceiling = max(matmul_ceiling(max(args.repeats, 5), args.patience).values())
+        print(f"matmul ceiling: {ceiling:.0f} GFLOP/s")
+        hf = families.build(args.model)
+        glass = gf.Transformer.from_hf(hf)
+        print(f"model: {families.describe(hf)}; peer: transformers (the lean model and TL are GPT-2's)")
+        print("agreement with HF on 2x64 random tokens:")
+        tokens = torch.randint(0, glass.cfg.d_vocab, (2, 64), generator=torch.Generator().manual_seed(1))
+        check_agreement({"glassformer": glass}, hf_logits(hf, tokens), tokens)
+        cases = {c.name: c for c in (Case("glassformer", glass), Case("HF", lambda t: hf_logits(hf, t)))}
+        cases["glassformer cache"] = Case("glassformer cache", glass.run_with_cache)
+        for label in labels:
+            batch, pos = parse_shape(label)
+            tokens = torch.randint(0, glass.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(pos))
+            dropped[label] = time_round_robin(
+                list(cases.values()), label, tokens, args.repeats, args.warmup, args.patience
+            )
+            check_quiet(f"after {label}", quiet)
+    repeats = len(cases["glassformer"].times[labels[0]])
+    print(f"\n### {args.model}: forward pass, median of {repeats}\n")
+    print(family_report(cases, labels, glass, ceiling))
+    print("\n### Spread: median [min, max] seconds, most cores used by other processes\n")
+    print("rounds dropped as contended: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "\n")
+    print(spread_table(cases, labels))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -609,6 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     quiet: list[tuple[str, float]] = []
     dropped: dict[str, int] = {}
     check_quiet("before the run", quiet)
+    if args.model != "gpt2":
+        run_family(args, labels, quiet)
+        return
     with torch.inference_mode():
         ceiling_by_shape = matmul_ceiling(max(args.repeats, 5), args.patience)
         ceiling = max(ceiling_by_shape.values())

@@ -6,6 +6,7 @@ batch 1 and 8. Tokens/s counts new tokens of all rows. Before timing, glassforme
 checked against transformers' (same weights, greedy: they must be identical).
 
     .venv/bin/python bench/generate.py [--repeats 3] [--batches 1,8] [--new 128] [--no-tl] [--no-compile]
+    .venv/bin/python bench/generate.py --model gemma3|qwen3   # bench/families.py's models, transformers as peer
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
+import families  # noqa: E402
 from forward import THREADS, Dims, build_hf, build_tl3, cpu_model  # noqa: E402
 
 import glassformer as gf  # noqa: E402
@@ -73,20 +75,25 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--no-tl", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--model", choices=("gpt2", *families.MODELS), default="gpt2")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     dims = Dims()
-    hf = build_hf(dims)
+    hf = build_hf(dims) if args.model == "gpt2" else families.build(args.model)
+    name = "GPT-2 small" if args.model == "gpt2" else families.describe(hf)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(
-        f"{cpu_model()}, {THREADS} threads; GPT-2 small, float32 ({weight_bytes / 1e6:.0f} MB of weights); "
+        f"{cpu_model()}, {THREADS} threads; {name}, float32 ({weight_bytes / 1e6:.0f} MB of weights); "
         f"prompt {PROMPT}, {args.new} new tokens, greedy; medians of {args.repeats}\n"
     )
+    with_tl = not args.no_tl and args.model == "gpt2"  # TransformerLens 3.9 has no random-weight Gemma 3 / Qwen3
+    vocab = hf.config.vocab_size
     with torch.inference_mode():
-        fns = runners(hf, dims, args.new, not args.no_tl, not args.no_compile)
+        fns = runners(hf, dims, args.new, with_tl, not args.no_compile)
         rows = []
         for batch in map(int, args.batches.split(",")):
-            prompt = torch.randint(0, dims.d_vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+            prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
             same = torch.equal(fns["glassformer"](prompt), fns["transformers"](prompt))
             seconds = time_all(fns, prompt, args.repeats)
             rows.append((batch, same, {name: batch * args.new / s for name, s in seconds.items()}))
