@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("encoder", "decoder", "encoder-decoder")
-POSITIONALS = ("sinusoidal", "learned", "rotary", "relative", "none")  # relative: T5's bucketed bias
+POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
 NORMS = ("layernorm", "rmsnorm", "none")
 # pre: x + cell(norm(x)); post: norm(x + cell(x)); sandwich (Gemma 2/3): x + norm_post(cell(norm(x)));
 # output (OLMo 2): x + norm_post(cell(x)).
@@ -111,8 +111,6 @@ class Config:
     rotary_dim: int | None = None  # rotated dims per head; defaults to d_head (partial rotary if less)
     rotary_scaling: dict[str, Any] | None = None  # {"type": "linear" | "dynamic" | "yarn" | "llama3" | "longrope", …}
     rotary_interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3)… (GPT-J), not halves (NeoX, Llama)
-    relative_buckets: int = 32  # positional="relative": distance buckets of T5's bias table
-    relative_max_distance: int = 128  # distances from here on share the last bucket
     rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None = rotary_base
     sliding_window: int | None = None  # keys a query sees in a "sliding" layer, itself included
     layer_types: list[str] | None = None  # per layer "full" or "sliding"; defaults to all sliding with a window
@@ -129,7 +127,6 @@ class Config:
     shared_norm: bool = False  # parallel block whose MLP reads ln1(x) too, with no ln2 (GPT-J)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     embed_scale: float = 1.0  # token embeddings times this (sqrt(d_model) in Marian)
-    unembed_scale: float = 1.0  # the final residual times this before the unembedding (tied T5: d_model^-1/2)
     n_token_types: int = 0  # segment embeddings (BERT); 0 = none
     head_transform: bool = False  # dense + act + norm before the unembedding (BERT's MLM head)
     pooler: bool = False  # tanh(dense(first token)) summary vector (BERT)
@@ -153,9 +150,7 @@ class Config:
         _choice("qk_norm", self.qk_norm, QK_NORMS)
         for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
             _positive(name, getattr(self, name))
-        for name in ("relative_buckets", "relative_max_distance"):
-            _positive(name, getattr(self, name))
-        for name in ("rotary_base", "eps", "embed_scale", "unembed_scale", "dropout", "init_std"):
+        for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
             _number(name, getattr(self, name))
         for name in ("rotary_base_local", "attn_scale", "attn_softcap", "final_softcap"):
             if getattr(self, name) is not None:
@@ -224,14 +219,6 @@ class Config:
             raise ValueError(f"Config.embed_scale={self.embed_scale!r} must be positive")
         if not self.rotary_base > 0:
             raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
-        if not self.unembed_scale > 0:
-            raise ValueError(f"Config.unembed_scale={self.unembed_scale!r} must be positive")
-        exact = self.relative_buckets // 2  # the buckets of single distances (per direction, a quarter)
-        if self.positional == "relative" and (self.relative_buckets < 4 or self.relative_max_distance <= exact):
-            raise ValueError(
-                f"Config.relative_buckets={self.relative_buckets} must be at least 4 and relative_max_distance="
-                f"{self.relative_max_distance} above half of it (its exact buckets)"
-            )
         if self.shared_norm and not self.parallel_attn_mlp:
             raise ValueError("Config.shared_norm=True needs parallel_attn_mlp=True (only a parallel block shares ln1)")
         if self.rotary_scaling is not None:

@@ -20,7 +20,6 @@ from glassformer.cells.block import Block
 from glassformer.cells.embed import Embed, Pooler, TokenTypeEmbed, Unembed
 from glassformer.cells.norm import make_norm
 from glassformer.cells.position import PosEmbed, Rotary
-from glassformer.cells.relative_position import RelativePositionBias
 from glassformer.chat import ChatSession, Message, chat
 from glassformer.checkpoints.gguf import read_gguf, write_gguf
 from glassformer.checkpoints.hf import read_hf, to_hf
@@ -43,8 +42,6 @@ def add_stack(
     `rotary` maps a layer type ("full", "sliding") to the rotary cell its layers use."""
     module.hook_embed = HookPoint()  # (batch, pos, d_model)
     module.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
-    # T5: one relative position bias per stack, bidirectional in the encoder, causal in the decoder
-    module.pos_bias = RelativePositionBias(cfg, bidirectional=not causal) if cfg.positional == "relative" else None
     if module.pos_embed is not None:
         module.hook_pos_embed = HookPoint()  # (batch, pos, d_model)
     module.token_type_embed = TokenTypeEmbed(cfg) if cfg.n_token_types else None
@@ -238,13 +235,9 @@ class Transformer(TextIO, HookedRoot):
         if stack.token_type_embed is not None:
             resid = resid + stack.hook_token_type_embed(stack.token_type_embed(token_type_ids, tokens))
         resid = self.drop(stack.ln_embed(resid))
-        bias = None
-        if stack.pos_bias is not None:  # queries at their cache slots (or the last pos of pos keys)
-            q_idx = mask.q_slots if mask.q_slots is not None else torch.arange(pos, device=tokens.device)
-            bias = stack.pos_bias(q_idx, pos if cache is None else cache.max_len)  # (1, n_heads, pos, k_pos)
         for i, block in enumerate(stack.blocks):
             layer_cache = (None, None) if cache is None else (cache.layers[i], cache.cross[i])
-            resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache, position_bias=bias)
+            resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache)
         return stack.ln_final(resid)  # (batch, pos, d_model)
 
     def decode(

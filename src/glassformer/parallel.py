@@ -216,8 +216,6 @@ def check_divisible(cfg: Config, world: int) -> None:
         raise ValueError(f"cannot split {', '.join(bad)} across a tensor-parallel group of {world} processes")
     if cfg.qk_norm == "projection" and world > 1:  # its RMS is over every head, which no process holds
         raise ValueError("cannot split a model with qk_norm='projection' (OLMo 2) across processes: not supported")
-    if cfg.positional == "relative" and world > 1:
-        raise ValueError("cannot split a model with positional='relative' (T5) across processes: not supported yet")
 
 
 def split_of(name: str) -> str:

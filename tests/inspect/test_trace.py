@@ -41,7 +41,6 @@ def test_masked_keys_show_as_minus_infinity():
         dict(arch="decoder", positional="rotary", norm="rmsnorm", act="swiglu", n_kv_heads=1),
         dict(arch="encoder", norm_position="post", positional="sinusoidal"),
         dict(arch="encoder-decoder"),
-        dict(arch="encoder-decoder", positional="relative", norm="rmsnorm", act="geglu", attn_scale=1.0, bias=False),
         dict(parallel_attn_mlp=True),
     ],
 )
@@ -59,13 +58,6 @@ def test_every_cell_appears_in_order(kw):
         assert step(trace, "key projection").shape == (1, 4, 2, 4)
     if cfg.positional == "rotary":
         assert "rotary (queries)" in cells
-    if cfg.positional == "relative":  # the decoder's causal bias, added to the scaled scores
-        bias = step(trace, "relative position bias")
-        assert bias.hook == "decoder.pos_bias.hook_position_bias" and bias.shape == (1, 2, 4, 4)
-        scaled = step(trace, "attention scores", "×").values
-        torch.testing.assert_close(
-            step(trace, "attention scores", "scores + position bias").values, scaled + bias.values
-        )
     if cfg.norm_position == "post":
         assert step(trace, "residual add").op == "resid_mid = norm(resid_pre + attn_out)"
     if cfg.parallel_attn_mlp:  # one add for both cells, read from the block's output
@@ -107,8 +99,6 @@ def test_gemma_style_cells_are_traced_with_their_own_numbers():
     assert capped[-1].values.abs().max() < 4.0 and q.shape == (2, 4)
     assert step(trace, "attention output").op == "attn_out = norm(Σ_h result_h + b_O)"
     assert step(trace, "MLP activation").op == "post = gelu_tanh(gate) · lin"
-
-
 def test_a_mixture_of_experts_shows_router_weights_and_each_chosen_expert():
     cfg = gf.Config(
         n_layers=1, d_model=8, n_heads=2, d_vocab=11, n_ctx=6, act="swiglu", n_experts=4, d_shared_expert_mlp=6

@@ -197,10 +197,8 @@ class Attention(nn.Module):
         positions: Tensor | None = None,
         kv_input: Tensor | None = None,
         cache: LayerKV | None = None,
-        position_bias: Tensor | None = None,
     ) -> Tensor:
-        """x (batch, pos, d_model) -> attention output (batch, pos, d_model). `position_bias`
-        (1, n_heads, pos, k_pos) is added to the scores (T5's relative positions)."""
+        """x (batch, pos, d_model) -> attention output (batch, pos, d_model)."""
         if self.tp is not None:  # tensor parallel: identity forward, all-reduce of the gradient backward
             x = self.tp.enter(x)
             kv_input = None if kv_input is None else self.tp.enter(kv_input)
@@ -209,10 +207,9 @@ class Attention(nn.Module):
         split_dropout = self.tp is not None and self.training and self.dropout > 0
         with self.tp.own_random_stream(x.device) if split_dropout else nullcontext():  # each process's heads
             if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
-                allowed = mask.allowed(self.causal, q.shape[1], k.shape[2], q.device, self.window)
-                z = self._explicit(q, k, v, allowed, position_bias)
+                z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device, self.window))
             else:
-                z = self._fused(q, k, v, mask, position_bias)
+                z = self._fused(q, k, v, mask)
         z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)
@@ -225,15 +222,12 @@ class Attention(nn.Module):
             out = self.tp.exit(out)  # sum over every process's heads
         return out if self.b_O is None else out + self.b_O
 
-    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, bias: Tensor | None) -> Tensor:
-        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all. A position bias
-        goes in as the kernel's additive mask, -inf where keys are masked."""
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""
         q_len, k_len = q.shape[1], k.shape[2]
         unwindowed = self.window is None or self.window >= k_len
-        is_causal = self.causal and mask.key_valid is None and q_len == k_len and unwindowed and bias is None
+        is_causal = self.causal and mask.key_valid is None and q_len == k_len and unwindowed
         allowed = None if is_causal else mask.allowed(self.causal, q_len, k_len, q.device, self.window)
-        if bias is not None:
-            allowed = bias if allowed is None else bias.masked_fill(~allowed, -math.inf)  # (batch or 1, h, pos, k_pos)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
             k,  # (batch, n_kv_heads, k_pos, d_head)
@@ -246,16 +240,14 @@ class Attention(nn.Module):
         )  # (batch, n_heads, pos, d_head)
         return z.transpose(1, 2)  # (batch, pos, n_heads, d_head)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, bias: Tensor | None = None) -> Tensor:
-        """Cells 4-5 step by step: dot product, scale, (position bias,) mask, softmax, weighted sum."""
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """Cells 4-5 step by step: dot product, scale, mask, softmax, weighted sum of values."""
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, k_pos, d_head)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # Scaling q (small) rather than the scores and masking in place keeps this to one
         # (batch, n_heads, pos, k_pos) tensor before the softmax: it matters when everything is cached.
         scores = torch.einsum("bqhd,bhkd->bhqk", q * self.scale, k)  # (batch, n_heads, pos, k_pos)
-        if bias is not None:
-            scores += bias
         if allowed is not None:
             scores.masked_fill_(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)

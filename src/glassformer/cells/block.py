@@ -69,14 +69,11 @@ class Block(nn.Module):
         encoder_mask: AttentionMask | None = None,
         cache: LayerKV | None = None,
         cross_cache: LayerKV | None = None,
-        position_bias: Tensor | None = None,
     ) -> Tensor:
-        """The block's output stream (batch, pos, d_model); `position_bias` (1, n_heads, pos, k_pos) is
-        the stack's relative position bias (T5), added to the self-attention scores."""
         if resid.dim() != 3 or resid.shape[-1] != self.d_model:
             raise InputError(f"resid must be (batch, pos, d_model={self.d_model}), got {tuple(resid.shape)}")
         resid = self.hook_resid_pre(resid)
-        attend = partial(self.attn, mask=mask, positions=positions, cache=cache, position_bias=position_bias)
+        attend = partial(self.attn, mask=mask, positions=positions, cache=cache)
         if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together
             normed = self.ln1(resid)
             attn_out = self.drop(self.hook_attn_out(attend(normed)))

@@ -62,7 +62,6 @@ class Unembed(nn.Module):
             self.hook_transformed = HookPoint()  # (batch, pos, d_model)
         self.head_transform = cfg.head_transform
         self.softcap = cfg.final_softcap
-        self.scale = cfg.unembed_scale
         if self.softcap is not None:
             self.hook_logits_uncapped = HookPoint()  # (batch, pos, d_vocab), before cap·tanh(logits/cap)
 
@@ -76,8 +75,6 @@ class Unembed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (batch, pos, d_vocab)."""
-        if self.scale != 1.0:  # tied T5: the residual scaled by d_model^-1/2 before the shared embedding
-            x = x * self.scale
         if self.head_transform:
             x = self.hook_transformed(self.ln_transform(self.act(linear(x, self.transform_weight, self.b_transform))))
         logits = linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)

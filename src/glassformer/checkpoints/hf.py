@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gemma, gpt2, gptj, llama, moe, neox, olmo2, phi3, t5
+from glassformer.checkpoints import bart, bert, gemma, gpt2, gptj, llama, moe, neox, olmo2, phi3
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -38,7 +38,6 @@ def families() -> dict[str, Family]:
         "gptj": gptj.FAMILY,
         "bart": bart.FAMILY,
         "marian": bart.FAMILY,
-        "t5": t5.FAMILY,
         "mixtral": moe.MIXTRAL_FAMILY,
         "qwen2_moe": moe.QWEN2_MOE_FAMILY,
         "qwen3_moe": moe.QWEN3_MOE_FAMILY,

@@ -126,11 +126,6 @@ class _Walker:
         default = math.isclose(module.scale, 1 / math.sqrt(q.shape[-1]))
         factor = "1/sqrt(d_head)" if default else "the configured scale"
         self.add("attention scores", f"× {factor} = × {module.scale:.4f}", scores_hook, dots * module.scale, source)
-        bias_hook = a[: a.index("blocks.")] + "pos_bias.hook_position_bias"
-        if a.endswith(".attn") and self.has(bias_hook):  # T5: one bias table per stack, by distance bucket
-            bias = c[bias_hook][0, :, p]  # (n_heads, k_pos)
-            self.add("relative position bias", "+ W_rel[bucket(key - query)]", bias_hook, bias)
-            self.add("attention scores", "scores + position bias", scores_hook, dots * module.scale + bias, source)
         masked = c[scores_hook][b, :, p]  # (n_heads, k_pos)
         if causal or bool(torch.isinf(masked).any()):
             what = "causal" if causal else "padding"
