@@ -48,6 +48,10 @@ def test_explicit_fields_win_over_derivation():
         ({"rotary_base": None}, ["rotary_base=None", "number"]),
         ({"bias": "yes"}, ["bias='yes'", "True or False"]),
         ({"tie_embeddings": 1}, ["tie_embeddings=1", "True or False"]),
+        ({"positional": "relative", "relative_buckets": 3}, ["relative_buckets=3", "at least 4"]),
+        ({"positional": "relative", "relative_max_distance": 16}, ["relative_max_distance=16", "// 2"]),
+        ({"relative_buckets": 0}, ["relative_buckets=0", "positive"]),
+        ({"unembed_scale": 0.0}, ["unembed_scale=0.0", "positive"]),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(changes, words):
