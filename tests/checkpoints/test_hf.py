@@ -330,8 +330,8 @@ def test_pickled_checkpoint_needs_explicit_opt_in(tmp_path):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(gf.CheckpointError, match="'t5' is not supported; supported: .*gpt2.*llama"):
+    (tmp_path / "config.json").write_text('{"model_type": "made_up_arch"}')
+    with pytest.raises(gf.CheckpointError, match="'made_up_arch' is not supported; supported: .*gpt2.*llama.*t5"):
         gf.Transformer.from_hf(tmp_path)
     with pytest.raises(gf.CheckpointError, match="not a directory"):
         gf.Transformer.from_hf(tmp_path / "missing")
