@@ -55,6 +55,10 @@ def test_explicit_fields_win_over_derivation():
         ({"n_experts": 4, "attn_only": True}, ["n_experts=4", "attn_only=True"]),
         ({"d_shared_expert_mlp": 2.0}, ["d_shared_expert_mlp=2.0", "non-negative integer"]),
         ({"norm_topk_prob": 0}, ["norm_topk_prob=0", "True or False"]),
+        ({"positional": "relative", "relative_buckets": 3}, ["relative_buckets=3", "at least 4"]),
+        ({"positional": "relative", "relative_max_distance": 16}, ["relative_max_distance=16", "// 2"]),
+        ({"relative_buckets": 0}, ["relative_buckets=0", "positive"]),
+        ({"unembed_scale": 0.0}, ["unembed_scale=0.0", "positive"]),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(changes, words):

@@ -31,6 +31,7 @@ CONFIGS = {
     ),
     "encoder-post-norm": dict(arch="encoder", norm_position="post"),
     "encoder-decoder": dict(arch="encoder-decoder", positional="sinusoidal"),
+    "encoder-decoder-relative": dict(arch="encoder-decoder", positional="relative", relative_buckets=8),
 }
 
 
@@ -83,7 +84,7 @@ def check_forward_cache_and_generation(rank, world, port, tmp):
                 assert torch.equal(
                     sharded.generate(prompt, 8, attention_mask=mask), reference.generate(prompt, 8, attention_mask=mask)
                 )
-            if kw["arch"] == "encoder-decoder":
+            if kw["arch"] == "encoder-decoder":  # T5's relative bias: each process adds its heads' columns
                 assert torch.equal(
                     sharded.generate(args[0], 6, decoder_start_token_id=1),
                     reference.generate(args[0], 6, decoder_start_token_id=1),

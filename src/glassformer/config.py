@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ARCHS = ("encoder", "decoder", "encoder-decoder")
-POSITIONALS = ("sinusoidal", "learned", "rotary", "none")
+POSITIONALS = ("sinusoidal", "learned", "rotary", "relative", "none")  # relative: T5's bucketed bias on the scores
 NORMS = ("layernorm", "rmsnorm", "none")
 # pre: x + cell(norm(x)); post: norm(x + cell(x)); sandwich (Gemma 2/3): x + norm_post(cell(norm(x)));
 # output (OLMo 2): x + norm_post(cell(x)).
@@ -114,6 +114,8 @@ class Config:
     rotary_base_local: float | None = None  # rotary base of the sliding-window layers (Gemma 3); None = rotary_base
     sliding_window: int | None = None  # keys a query sees in a "sliding" layer, itself included
     layer_types: list[str] | None = None  # per layer "full" or "sliding"; defaults to all sliding with a window
+    relative_buckets: int = 32  # positional="relative": learned biases per head, one per distance bucket
+    relative_max_distance: int = 128  # distances from here on share the last bucket
     attn_scale: float | None = None  # multiplies q·k; None = 1/sqrt(d_head) (Gemma: query_pre_attn_scalar^-1/2)
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
@@ -127,6 +129,7 @@ class Config:
     shared_norm: bool = False  # parallel block whose MLP reads ln1(x) too, with no ln2 (GPT-J)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     embed_scale: float = 1.0  # token embeddings times this (sqrt(d_model) in Marian)
+    unembed_scale: float = 1.0  # the final residual times this before the head (T5, tied: d_model**-0.5)
     n_token_types: int = 0  # segment embeddings (BERT); 0 = none
     head_transform: bool = False  # dense + act + norm before the unembedding (BERT's MLM head)
     pooler: bool = False  # tanh(dense(first token)) summary vector (BERT)
@@ -148,9 +151,9 @@ class Config:
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         _choice("act", self.act, ACTS)
         _choice("qk_norm", self.qk_norm, QK_NORMS)
-        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx"):
+        for name in ("d_model", "n_layers", "n_heads", "d_vocab", "n_ctx", "relative_buckets", "relative_max_distance"):
             _positive(name, getattr(self, name))
-        for name in ("rotary_base", "eps", "embed_scale", "dropout", "init_std"):
+        for name in ("rotary_base", "eps", "embed_scale", "unembed_scale", "dropout", "init_std"):
             _number(name, getattr(self, name))
         for name in ("rotary_base_local", "attn_scale", "attn_softcap", "final_softcap"):
             if getattr(self, name) is not None:
@@ -215,8 +218,17 @@ class Config:
             raise ValueError("Config.n_token_types applies to single-stack models, not arch='encoder-decoder'")
         if (self.embed_norm or self.head_transform) and self.norm == "none":
             raise ValueError("Config.embed_norm / head_transform need a norm (norm='none' was given)")
-        if not self.embed_scale > 0:
-            raise ValueError(f"Config.embed_scale={self.embed_scale!r} must be positive")
+        for name in ("embed_scale", "unembed_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Config.{name}={getattr(self, name)!r} must be positive")
+        if self.positional == "relative" and (
+            self.relative_buckets < 4 or self.relative_max_distance <= self.relative_buckets // 2
+        ):
+            raise ValueError(
+                f"Config.relative_buckets={self.relative_buckets}, relative_max_distance="
+                f"{self.relative_max_distance}: need at least 4 buckets and a max distance beyond the exact "
+                "buckets (relative_buckets // 2)"
+            )
         if not self.rotary_base > 0:
             raise ValueError(f"Config.rotary_base={self.rotary_base!r} must be positive")
         if self.shared_norm and not self.parallel_attn_mlp:

@@ -20,6 +20,7 @@ from glassformer.cells.block import Block
 from glassformer.cells.embed import Embed, Pooler, TokenTypeEmbed, Unembed
 from glassformer.cells.norm import make_norm
 from glassformer.cells.position import PosEmbed, Rotary
+from glassformer.cells.relative_position import RelativePositionBias
 from glassformer.chat import ChatSession, Message, chat
 from glassformer.checkpoints.gguf import read_gguf, write_gguf
 from glassformer.checkpoints.hf import read_hf, to_hf
@@ -37,13 +38,17 @@ from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 def add_stack(
     module: nn.Module, cfg: Config, n_layers: int, causal: bool, cross: bool, rotary: dict[str, Rotary] | None
 ) -> None:
-    """Give `module` the parts of a stack: its positions (and segment types), embedding hooks,
-    `blocks` and `ln_final`. The token embedding itself is the model's, shared by both stacks.
-    `rotary` maps a layer type ("full", "sliding") to the rotary cell its layers use."""
+    """Give `module` the parts of a stack: its positions (a table, or a relative bias on the scores;
+    and segment types), embedding hooks, `blocks` and `ln_final`. The token embedding itself is the
+    model's, shared by both stacks. `rotary` maps a layer type ("full", "sliding") to the rotary
+    cell its layers use."""
     module.hook_embed = HookPoint()  # (batch, pos, d_model)
     module.pos_embed = PosEmbed(cfg) if cfg.positional in ("learned", "sinusoidal") else None
     if module.pos_embed is not None:
         module.hook_pos_embed = HookPoint()  # (batch, pos, d_model)
+    module.rel_pos = RelativePositionBias(cfg, bidirectional=not causal) if cfg.positional == "relative" else None
+    if module.rel_pos is not None:
+        module.hook_position_bias = HookPoint()  # (1, n_heads, pos, k_pos), shared by the stack's layers
     module.token_type_embed = TokenTypeEmbed(cfg) if cfg.n_token_types else None
     if cfg.n_token_types:
         module.hook_token_type_embed = HookPoint()  # (batch, pos, d_model)
@@ -127,8 +132,9 @@ class Transformer(TextIO, HookedRoot):
         return cls.from_state(cfg, state, str(path), tokenizer)
 
     def to_hf(self, directory: str | Path) -> Path:
-        """Write this decoder as a Hugging Face checkpoint (GPT-2, Llama/Qwen2 or GPT-NeoX layout,
-        whichever fits the config) that `transformers` opens with the same numbers."""
+        """Write this decoder (or T5-shaped encoder-decoder) as a Hugging Face checkpoint (GPT-2,
+        Llama/Qwen2, GPT-NeoX, T5, … layout, whichever fits the config) that `transformers` opens with
+        the same numbers."""
         directory = to_hf(self.cfg, self.state_dict(), directory)
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
@@ -235,9 +241,13 @@ class Transformer(TextIO, HookedRoot):
         if stack.token_type_embed is not None:
             resid = resid + stack.hook_token_type_embed(stack.token_type_embed(token_type_ids, tokens))
         resid = self.drop(stack.ln_embed(resid))
+        bias = None
+        if stack.rel_pos is not None:  # queries at their slots, against every key slot (all cached ones)
+            slots = torch.arange(pos, device=tokens.device) if mask.q_slots is None else mask.q_slots
+            bias = stack.hook_position_bias(stack.rel_pos(slots, pos if cache is None else cache.max_len))
         for i, block in enumerate(stack.blocks):
             layer_cache = (None, None) if cache is None else (cache.layers[i], cache.cross[i])
-            resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache)
+            resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache, score_bias=bias)
         return stack.ln_final(resid)  # (batch, pos, d_model)
 
     def decode(

@@ -3,8 +3,9 @@
 Each process keeps its share of the heads (W_Q, W_K, W_V split by head; grouped-query heads by
 key/value-head group) and of the MLP's hidden units (W_in and the SwiGLU gate by column); W_O and
 W_out are split by row and followed by one all-reduce each: two per block, one more per
-cross-attention. Embedding, norms and head are replicated. Local sizes are recorded on the sharded
-modules (`attn.n_heads`, `mlp.d_mlp`); the shared Config is never changed.
+cross-attention. A relative position bias table (T5) is split by head, as the heads that add it.
+Embedding, norms and head are replicated. Local sizes are recorded on the sharded modules
+(`attn.n_heads`, `mlp.d_mlp`); the shared Config is never changed.
 
 Autograd runs through the collectives: entering a split section is the identity forward and an
 all-reduce backward (`f` in the Megatron paper); leaving it is an all-reduce forward and the
@@ -220,11 +221,14 @@ def check_divisible(cfg: Config, world: int) -> None:
 
 def split_of(name: str) -> str:
     """How the tensor `name` is divided among processes: "qkv" (its query rows, then its key and value
-    rows), "head_columns" (W_O), "mlp_rows" (W_in, the gate, b_in), "mlp_columns" (W_out) or
-    "replicated". W_O's and W_out's rows are the columns of the stored (d_model, ·) matrices."""
+    rows), "head_columns" (W_O), "mlp_rows" (W_in, the gate, b_in), "mlp_columns" (W_out),
+    "bias_heads" (the relative position bias table's head columns) or "replicated". W_O's and W_out's
+    rows are the columns of the stored (d_model, ·) matrices."""
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ("qkv_weight", "qkv_bias"):
         return "qkv"
+    if leaf == "W_rel":
+        return "bias_heads"
     if leaf == "o_weight":
         return "head_columns"
     if leaf in ("in_weight", "gate_weight") or name.endswith("mlp.b_in"):
@@ -253,8 +257,8 @@ def local_state(
 ) -> dict[str, Tensor]:
     """This process's share of the tensors `names`, read from the full ones by name and index (in
     memory or on disk). Weights, their gradients and optimizer moments split alike."""
-    m = cfg.d_mlp // world
-    mlp_rows = slice(rank * m, (rank + 1) * m)
+    m, h = cfg.d_mlp // world, cfg.n_heads // world
+    mlp_rows, heads = slice(rank * m, (rank + 1) * m), slice(rank * h, (rank + 1) * h)
     q_rows = _qkv_rows(cfg, rank, world)[0]
     out = {}
     for name in names:
@@ -267,6 +271,8 @@ def local_state(
             out[name] = read(name, (slice(None), mlp_rows))
         elif split == "head_columns":
             out[name] = read(name, (slice(None), q_rows))
+        elif split == "bias_heads":
+            out[name] = read(name, (slice(None), heads))
         else:
             out[name] = read(name, (slice(None),))
     return out
@@ -361,6 +367,7 @@ _SPLIT_AXES = {
     "hook_attn_scores": 1,
     "hook_attn_scores_capped": 1,
     "hook_pattern": 1,
+    "hook_position_bias": 1,
     "hook_pre": -1,
     "hook_pre_linear": -1,
     "hook_post": -1,

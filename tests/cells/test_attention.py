@@ -41,7 +41,9 @@ def capture(hook, store: dict, key: str) -> None:
     hook.add(lambda x, _hook: store.__setitem__(key, x.detach().clone()))
 
 
-def run(attn: Attention, x, mask=None, positions=None, kv_input=None, watch=()) -> tuple[torch.Tensor, dict]:
+def run(
+    attn: Attention, x, mask=None, positions=None, kv_input=None, watch=(), score_bias=None
+) -> tuple[torch.Tensor, dict]:
     """Output of the cell, with the named hook points (e.g. "hook_pattern") recorded; hooks are
     cleared afterwards so the next call starts on the fused path again."""
     store: dict[str, torch.Tensor] = {}
@@ -49,7 +51,7 @@ def run(attn: Attention, x, mask=None, positions=None, kv_input=None, watch=()) 
         capture(getattr(attn, name), store, name)
     try:
         with torch.no_grad():
-            out = attn(x, mask=mask, positions=positions, kv_input=kv_input)
+            out = attn(x, mask=mask, positions=positions, kv_input=kv_input, score_bias=score_bias)
     finally:
         for name in watch:
             getattr(attn, name).clear()
@@ -72,10 +74,10 @@ def ref_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w.detach().double()
 
 
-def ref_attention(attn: Attention, cfg: gf.Config, x, kv, causal, key_valid=None, positions=None):
+def ref_attention(attn: Attention, cfg: gf.Config, x, kv, causal, key_valid=None, positions=None, score_bias=None):
     """Naive float64 attention from the TransformerLens weights, one query head at a time; head h
     reads key/value head h // (n_heads / n_kv_heads). With the config's q/k RMSNorm, sliding window,
-    score scale and soft-cap. Returns (output, pattern (batch, heads, q, k))."""
+    score scale, additive score bias (1, heads, q, k) and soft-cap. Returns (output, pattern (batch, heads, q, k))."""
     W_Q, W_K, W_V, W_O = (w.detach().double() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O))
 
     def bias(name: str, w: torch.Tensor) -> torch.Tensor:  # (heads, d_head); zero without biases
@@ -112,6 +114,8 @@ def ref_attention(attn: Attention, cfg: gf.Config, x, kv, causal, key_valid=None
         if cfg.positional == "rotary":
             q, k = ref_rope(q, positions, cfg), ref_rope(k, positions, cfg)
         scores = q @ k.transpose(1, 2) * scale
+        if score_bias is not None:
+            scores = scores + score_bias[:, h].double()
         if cfg.attn_softcap is not None:
             scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
         pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)  # (batch, q_pos, k_pos)
@@ -232,7 +236,7 @@ def test_weight_view_assignment_checks_shape_and_copies():
 
 @st.composite
 def attention_cases(draw):
-    """(cfg, causal, window, x, kv_input or None, key_valid or None, positions or None)."""
+    """(cfg, causal, window, x, kv_input or None, key_valid or None, positions or None, score_bias or None)."""
     n_heads = draw(st.integers(1, 4))
     d_head = draw(st.integers(2, 8))
     cross = draw(st.booleans())
@@ -266,23 +270,25 @@ def attention_cases(draw):
     if rotary:  # positions that count real tokens, as the model derives them from a padding mask
         valid = key_valid if key_valid is not None else torch.ones(batch, k_len, dtype=torch.bool)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    return cfg, causal, window, x, kv_input, key_valid, positions
+    score_bias = torch.randn(1, n_heads, q_len, k_len, generator=gen) if draw(st.booleans()) else None
+    return cfg, causal, window, x, kv_input, key_valid, positions, score_bias
 
 
 @settings(max_examples=60, deadline=None)
 @given(case=attention_cases(), seed=st.integers(0, 2**16))
 def test_fused_explicit_result_and_reference_agree(case, seed):
     """For MHA/GQA/MQA, causal or not, self- or cross-attention, with or without key padding and
-    rotary: the fused SDPA output, the explicit path (forced by hooking hook_pattern or only
-    hook_attn_scores), the per-head result path and a naive float64 reference agree to float32
-    rounding; the explicit path's pattern equals the reference pattern."""
-    cfg, causal, window, x, kv_input, key_valid, positions = case
+    rotary, with or without an additive score bias (T5's relative positions): the fused SDPA output,
+    the explicit path (forced by hooking hook_pattern or only hook_attn_scores), the per-head result
+    path and a naive float64 reference agree to float32 rounding; the explicit path's pattern equals
+    the reference pattern."""
+    cfg, causal, window, x, kv_input, key_valid, positions, score_bias = case
     attn = make_attention(cfg, causal, seed, window)
     mask = AttentionMask(key_valid)
     expected, expected_pattern = ref_attention(
-        attn, cfg, x, x if kv_input is None else kv_input, causal, key_valid, positions
+        attn, cfg, x, x if kv_input is None else kv_input, causal, key_valid, positions, score_bias
     )
-    args = dict(mask=mask, positions=positions, kv_input=kv_input)
+    args = dict(mask=mask, positions=positions, kv_input=kv_input, score_bias=score_bias)
     fused, _ = run(attn, x, **args)
     explicit, acts = run(attn, x, watch=("hook_pattern",), **args)
     via_scores, _ = run(attn, x, watch=("hook_attn_scores",), **args)
@@ -296,10 +302,11 @@ def test_fused_explicit_result_and_reference_agree(case, seed):
 @given(case=attention_cases(), seed=st.integers(0, 2**16))
 def test_pattern_is_a_masked_distribution(case, seed):
     """Each pattern row sums to one, is exactly zero on masked keys (future or padding) and finite;
-    scores are -inf exactly where the pattern is masked."""
-    cfg, causal, window, x, kv_input, key_valid, positions = case
+    scores are -inf exactly where the pattern is masked (an additive score bias included)."""
+    cfg, causal, window, x, kv_input, key_valid, positions, score_bias = case
     attn = make_attention(cfg, causal, seed, window)
-    _, acts = run(attn, x, AttentionMask(key_valid), positions, kv_input, watch=("hook_attn_scores", "hook_pattern"))
+    watch = ("hook_attn_scores", "hook_pattern")
+    _, acts = run(attn, x, AttentionMask(key_valid), positions, kv_input, watch, score_bias)
     pattern, scores = acts["hook_pattern"], acts["hook_attn_scores"]
     assert torch.isfinite(pattern).all()
     torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))

@@ -133,6 +133,10 @@ def build(family):
         "bert": lambda: t.BertModel(t.BertConfig(**BERT)),
         "bart": lambda: t.BartForConditionalGeneration(t.BartConfig(**SEQ2SEQ)),
         "marian": lambda: t.MarianMTModel(t.MarianConfig(**SEQ2SEQ, scale_embedding=True, activation_function="swish")),
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**T5)),
+        "t5-v1.1": lambda: own_head(
+            t.T5ForConditionalGeneration(t.T5Config(**T5, feed_forward_proj="gated-gelu", tie_word_embeddings=False))
+        ),
     }
     model = models[family]().eval()
     with torch.no_grad():  # biases start at zero in transformers' init: make them count
@@ -143,6 +147,13 @@ def build(family):
                 p.normal_(0, 1.0)
         if hasattr(model, "final_logits_bias"):
             model.final_logits_bias.normal_(0, 0.1)
+    return model
+
+
+def own_head(model):
+    """transformers 5 builds T5's lm_head tied to the shared embedding whatever the config says, but
+    loads a Flan-T5 checkpoint with the head of its own that it ships: give the model one."""
+    model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn_like(model.lm_head.weight))
     return model
 
 
@@ -188,6 +199,21 @@ SEQ2SEQ = dict(
     pad_token_id=1,
     decoder_start_token_id=2,
 )
+# Original T5 (ReLU, tied head on the output scaled by d_model**-0.5); 16 is the relative bias's max
+# distance, so that sequences of 20 use every bucket.
+T5 = dict(
+    vocab_size=101,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=3,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    decoder_start_token_id=0,
+)
+ENCODER_DECODERS = ["bart", "marian", "t5", "t5-v1.1"]
 DECODERS = [
     "gpt2",
     "gpt2-untied-relu",
@@ -278,15 +304,16 @@ def test_bert_hidden_states_logits_and_pooler(family, attn):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["bart", "marian"])
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
 def test_encoder_decoder_logits_and_every_layer(family, attn):
+    """Padded source and target of 20 and 18 tokens; every layer of both stacks, and the logits."""
     hf = build(family)
     hf.set_attn_implementation(attn)
     model = gf.Transformer.from_hf(hf)
     g = torch.Generator().manual_seed(3)
-    src, tgt = torch.randint(0, 101, (2, 9), generator=g), torch.randint(0, 101, (2, 6), generator=g)
+    src, tgt = torch.randint(0, 101, (2, 20), generator=g), torch.randint(0, 101, (2, 18), generator=g)
     src_mask, tgt_mask = torch.ones_like(src), torch.ones_like(tgt)
-    src_mask[1, 5:], tgt_mask[0, 4:] = 0, 0
+    src_mask[1, 13:], tgt_mask[0, 11:] = 0, 0
     with torch.no_grad():
         ref = hf(
             input_ids=src,
@@ -297,10 +324,15 @@ def test_encoder_decoder_logits_and_every_layer(family, attn):
         )
         logits, cache = model.run_with_cache(src, tgt, attention_mask=src_mask, decoder_attention_mask=tgt_mask)
     close(logits, ref.logits, tgt_mask.bool())
-    for i in range(model.cfg.n_layers):
-        close(cache[f"encoder.blocks.{i}.hook_resid_post"], ref.encoder_hidden_states[i + 1], src_mask.bool())
-    for i in range(model.cfg.n_decoder_layers):
-        close(cache[f"decoder.blocks.{i}.hook_resid_post"], ref.decoder_hidden_states[i + 1], tgt_mask.bool())
+    for stack, n, theirs, mask in (
+        ("encoder", model.cfg.n_layers, ref.encoder_hidden_states, src_mask),
+        ("decoder", model.cfg.n_decoder_layers, ref.decoder_hidden_states, tgt_mask),
+    ):
+        ours = [cache[f"{stack}.blocks.{i}.hook_resid_post"] for i in range(n)]
+        if f"{stack}.ln_final.hook_normalized" in cache:  # pre-norm: transformers' last state is after the norm
+            ours[-1] = cache[f"{stack}.ln_final.hook_normalized"]
+        for i in range(n):
+            close(ours[i], theirs[i + 1], mask.bool())
 
 
 def test_marian_positions_are_computed_when_the_checkpoint_omits_them(tmp_path):
@@ -342,8 +374,8 @@ def test_pickled_checkpoint_needs_explicit_opt_in(tmp_path):
 
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
-    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
-    with pytest.raises(gf.CheckpointError, match="'t5' is not supported; supported: .*gpt2.*llama"):
+    (tmp_path / "config.json").write_text('{"model_type": "made_up_arch"}')
+    with pytest.raises(gf.CheckpointError, match="'made_up_arch' is not supported; supported: .*gpt2.*llama.*t5"):
         gf.Transformer.from_hf(tmp_path)
     with pytest.raises(gf.CheckpointError, match="not a directory"):
         gf.Transformer.from_hf(tmp_path / "missing")
@@ -389,21 +421,25 @@ def test_converted_config_records_the_source():
     )
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("family", [*DECODERS, "t5", "t5-v1.1"])
 def test_from_hf_to_hf_from_hf_round_trip(tmp_path, family):
     """transformers -> glassformer -> Hugging Face directory: transformers reopens it with the same
-    logits, and glassformer reopens it bit for bit."""
+    logits, and glassformer reopens it bit for bit (T5: the same tokens as source and target)."""
     hf = build(family)
     model = gf.Transformer.from_hf(hf)
     model.to_hf(tmp_path)
-    reopened = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    seq2seq = family.startswith("t5")
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    reopened = auto.from_pretrained(tmp_path).eval()
     assert type(reopened) is type(hf)
     tokens, mask = padded_batch(101)
+    target = dict(decoder_input_ids=tokens) if seq2seq else {}
     with torch.no_grad():
-        torch.testing.assert_close(reopened(tokens).logits, hf(tokens).logits, atol=1e-6, rtol=0)
-        assert torch.equal(
-            gf.Transformer.from_hf(tmp_path)(tokens, attention_mask=mask), model(tokens, attention_mask=mask)
-        )
+        torch.testing.assert_close(reopened(tokens, **target).logits, hf(tokens, **target).logits, atol=1e-6, rtol=0)
+        reread = gf.Transformer.from_hf(tmp_path)
+        assert reread.cfg == model.cfg
+        ours = (tokens, tokens) if seq2seq else (tokens,)
+        assert torch.equal(reread(*ours, attention_mask=mask), model(*ours, attention_mask=mask))
 
 
 @pytest.mark.parametrize(
@@ -497,27 +533,38 @@ def test_a_sliding_window_is_not_the_context_length():
     assert torch.equal(pattern > 0, torch.ones(19, 19).tril().triu(-4).bool())  # itself and the 4 before
 
 
-def test_greedy_generation_matches_transformers_encoder_decoder():
-    hf = build("marian")
+@pytest.mark.parametrize("family", ["marian", "t5", "t5-v1.1"])
+def test_greedy_generation_matches_transformers_encoder_decoder(family):
+    """48 new tokens from a padded source batch, cross-attention K/V cached on both sides."""
+    hf = build(family)
+    if family.startswith("t5"):  # as initializer_factor=2.5: at 1, T5's greedy decoding repeats one token
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.mul_(2.5)
     model = gf.Transformer.from_hf(hf)
-    src = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(5))
+    src = torch.randint(3, 101, (2, 20), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(src)
-    mask[1, 5:] = 0
+    mask[1, 13:] = 0
     expected = hf.generate(
         src,
         attention_mask=mask,
-        max_new_tokens=10,
+        max_new_tokens=48,
         do_sample=False,
         num_beams=1,
         eos_token_id=None,
         forced_eos_token_id=None,
         bad_words_ids=None,
+        # transformers sizes its own cache by the encoder's layer count (2, not the decoder's 3): give it one
+        cache=transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache()),
     )
-    out = model.generate(src, 10, attention_mask=mask, decoder_start_token_id=hf.config.decoder_start_token_id)
+    # A T5 checkpoint's start token comes with its config; Marian's is given.
+    start = {} if family.startswith("t5") else dict(decoder_start_token_id=hf.config.decoder_start_token_id)
+    out = model.generate(src, 48, attention_mask=mask, **start)
     assert torch.equal(out, expected)
+    assert all(row.unique().numel() > 5 for row in out)  # real continuations, not one token repeated
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gemma2", "bert", "bart", "marian"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gemma2", "bert", "bart", "marian", "t5"])
 def test_left_padded_rows_equal_transformers_on_the_row_alone(family):
     """glassformer counts positions over real tokens, so a left-padded row computes what transformers
     computes for the same tokens unpadded (transformers itself would need position_ids for that)."""
@@ -527,7 +574,7 @@ def test_left_padded_rows_equal_transformers_on_the_row_alone(family):
     tokens = torch.randint(3, 101, (2, 10), generator=g)
     mask = torch.ones_like(tokens)
     mask[0, :4] = 0  # row 0: 6 real tokens after 4 pads
-    seq2seq = family in ("bart", "marian")
+    seq2seq = family in ENCODER_DECODERS
     tgt = torch.randint(3, 101, (2, 5), generator=g)
     with torch.no_grad():
         if seq2seq:
@@ -563,7 +610,7 @@ def test_config_without_a_needed_field_is_a_clear_error(tmp_path):
         gf.Transformer.from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("family", [*DECODERS, "bert-mlm", "bert-mlm-untied", "bert", "bart", "marian"])
+@pytest.mark.parametrize("family", [*DECODERS, "bert-mlm", "bert-mlm-untied", "bert", *ENCODER_DECODERS])
 def test_every_tensor_of_a_supported_model_is_used(family):
     import warnings
 

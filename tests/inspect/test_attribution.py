@@ -27,6 +27,7 @@ def model(**kw):
         dict(),  # LayerNorm, pre-norm, biases
         dict(norm="rmsnorm", act="swiglu", positional="rotary", n_kv_heads=2, bias=False),
         dict(parallel_attn_mlp=True, tie_embeddings=True),
+        dict(norm="rmsnorm", positional="relative", relative_buckets=4, relative_max_distance=4, unembed_scale=0.25),
         dict(norm="none", positional="sinusoidal"),
         dict(arch="encoder", embed_norm=True, n_token_types=2),
     ],

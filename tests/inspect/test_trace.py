@@ -42,6 +42,7 @@ def test_masked_keys_show_as_minus_infinity():
         dict(arch="encoder", norm_position="post", positional="sinusoidal"),
         dict(arch="encoder-decoder"),
         dict(parallel_attn_mlp=True),
+        dict(arch="encoder-decoder", positional="relative", relative_buckets=4, relative_max_distance=3),
     ],
 )
 def test_every_cell_appears_in_order(kw):
@@ -58,6 +59,12 @@ def test_every_cell_appears_in_order(kw):
         assert step(trace, "key projection").shape == (1, 4, 2, 4)
     if cfg.positional == "rotary":
         assert "rotary (queries)" in cells
+    if cfg.positional == "relative":  # the decoder's bias, added to the scaled scores of self-attention only
+        bias = step(trace, "relative position bias")
+        assert bias.hook == "decoder.hook_position_bias" and bias.shape == (1, 2, 4, 4)
+        scaled, biased = step(trace, "attention scores", "×").values, step(trace, "attention scores", "+").values
+        torch.testing.assert_close(biased, scaled + bias.values)
+        assert cells.count("relative position bias") == 1
     if cfg.norm_position == "post":
         assert step(trace, "residual add").op == "resid_mid = norm(resid_pre + attn_out)"
     if cfg.parallel_attn_mlp:  # one add for both cells, read from the block's output

@@ -3,7 +3,8 @@
 Fast by default, visible on request: the fused kernel (`scaled_dot_product_attention`) runs unless
 someone hooks `hook_attn_scores` or `hook_pattern`, or the scores are soft-capped (Gemma 2: the
 kernel cannot); the per-head `result` (n_heads times larger than the merged output) exists only
-when `hook_result` is hooked.
+when `hook_result` is hooked. An additive score bias (T5's relative positions) joins the mask as the
+kernel's float mask, or is added to the explicit scores.
 
 Legend: batch, pos (queries), k_pos (keys), n_heads, n_kv_heads, d_head, d_model.
 """
@@ -197,8 +198,10 @@ class Attention(nn.Module):
         positions: Tensor | None = None,
         kv_input: Tensor | None = None,
         cache: LayerKV | None = None,
+        score_bias: Tensor | None = None,
     ) -> Tensor:
-        """x (batch, pos, d_model) -> attention output (batch, pos, d_model)."""
+        """x (batch, pos, d_model) -> attention output (batch, pos, d_model). `score_bias`
+        (1 or batch, n_heads, pos, k_pos) is added to the scaled scores before the mask and softmax."""
         if self.tp is not None:  # tensor parallel: identity forward, all-reduce of the gradient backward
             x = self.tp.enter(x)
             kv_input = None if kv_input is None else self.tp.enter(kv_input)
@@ -207,9 +210,10 @@ class Attention(nn.Module):
         split_dropout = self.tp is not None and self.training and self.dropout > 0
         with self.tp.own_random_stream(x.device) if split_dropout else nullcontext():  # each process's heads
             if self.softcap is not None or self.hook_attn_scores.active or self.hook_pattern.active:
-                z = self._explicit(q, k, v, mask.allowed(self.causal, q.shape[1], k.shape[2], q.device, self.window))
+                allowed = mask.allowed(self.causal, q.shape[1], k.shape[2], q.device, self.window)
+                z = self._explicit(q, k, v, allowed, score_bias)
             else:
-                z = self._fused(q, k, v, mask)
+                z = self._fused(q, k, v, mask, score_bias)
         z = self.hook_z(z)  # (batch, pos, n_heads, d_head)
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))  # (batch, pos, n_heads, d_model)
@@ -222,17 +226,20 @@ class Attention(nn.Module):
             out = self.tp.exit(out)  # sum over every process's heads
         return out if self.b_O is None else out + self.b_O
 
-    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all."""
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, score_bias: Tensor | None) -> Tensor:
+        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all. A score bias
+        becomes the kernel's float mask, -inf where a key is not allowed."""
         q_len, k_len = q.shape[1], k.shape[2]
         unwindowed = self.window is None or self.window >= k_len
-        is_causal = self.causal and mask.key_valid is None and q_len == k_len and unwindowed
+        is_causal = score_bias is None and self.causal and mask.key_valid is None and q_len == k_len and unwindowed
         allowed = None if is_causal else mask.allowed(self.causal, q_len, k_len, q.device, self.window)
+        if score_bias is not None and allowed is not None:
+            score_bias = score_bias.masked_fill(~allowed, -math.inf)  # (batch, n_heads, pos, k_pos)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
             k,  # (batch, n_kv_heads, k_pos, d_head)
             v,
-            attn_mask=allowed,
+            attn_mask=allowed if score_bias is None else score_bias,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
             scale=self.scale,
@@ -240,14 +247,18 @@ class Attention(nn.Module):
         )  # (batch, n_heads, pos, d_head)
         return z.transpose(1, 2)  # (batch, pos, n_heads, d_head)
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
-        """Cells 4-5 step by step: dot product, scale, mask, softmax, weighted sum of values."""
+    def _explicit(
+        self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, score_bias: Tensor | None
+    ) -> Tensor:
+        """Cells 4-5 step by step: dot product, scale, (bias,) mask, softmax, weighted sum of values."""
         if self.n_kv_heads != self.n_heads:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (batch, n_heads, k_pos, d_head)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         # Scaling q (small) rather than the scores and masking in place keeps this to one
         # (batch, n_heads, pos, k_pos) tensor before the softmax: it matters when everything is cached.
         scores = torch.einsum("bqhd,bhkd->bhqk", q * self.scale, k)  # (batch, n_heads, pos, k_pos)
+        if score_bias is not None:
+            scores += score_bias
         if allowed is not None:
             scores.masked_fill_(~allowed, float("-inf"))
         scores = self.hook_attn_scores(scores)

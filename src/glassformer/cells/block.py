@@ -69,11 +69,14 @@ class Block(nn.Module):
         encoder_mask: AttentionMask | None = None,
         cache: LayerKV | None = None,
         cross_cache: LayerKV | None = None,
+        score_bias: Tensor | None = None,
     ) -> Tensor:
+        """resid (batch, pos, d_model) -> the block's output, the same shape. `score_bias` (1 or batch,
+        n_heads, pos, k_pos), the stack's relative position bias, is added to the self-attention scores."""
         if resid.dim() != 3 or resid.shape[-1] != self.d_model:
             raise InputError(f"resid must be (batch, pos, d_model={self.d_model}), got {tuple(resid.shape)}")
         resid = self.hook_resid_pre(resid)
-        attend = partial(self.attn, mask=mask, positions=positions, cache=cache)
+        attend = partial(self.attn, mask=mask, positions=positions, cache=cache, score_bias=score_bias)
         if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together
             normed = self.ln1(resid)
             attn_out = self.drop(self.hook_attn_out(attend(normed)))

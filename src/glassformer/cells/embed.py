@@ -45,8 +45,9 @@ class TokenTypeEmbed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """Cell 11: residual -> logits. With tied embeddings it reads W_E (W_U is then W_E.T); with
-    `final_softcap` the logits are squashed into (-cap, cap) by cap·tanh(logits / cap)."""
+    """Cell 11: residual -> logits. With tied embeddings it reads W_E (W_U is then W_E.T); the
+    residual is first multiplied by `unembed_scale` (T5: d_model**-0.5); with `final_softcap` the
+    logits are squashed into (-cap, cap) by cap·tanh(logits / cap)."""
 
     def __init__(self, cfg: Config, embed: Embed) -> None:
         super().__init__()
@@ -61,6 +62,7 @@ class Unembed(nn.Module):
             self.ln_transform = Norm(cfg)
             self.hook_transformed = HookPoint()  # (batch, pos, d_model)
         self.head_transform = cfg.head_transform
+        self.scale = cfg.unembed_scale
         self.softcap = cfg.final_softcap
         if self.softcap is not None:
             self.hook_logits_uncapped = HookPoint()  # (batch, pos, d_vocab), before cap·tanh(logits/cap)
@@ -77,6 +79,8 @@ class Unembed(nn.Module):
         """Logits (batch, pos, d_vocab)."""
         if self.head_transform:
             x = self.hook_transformed(self.ln_transform(self.act(linear(x, self.transform_weight, self.b_transform))))
+        if self.scale != 1.0:
+            x = x * self.scale
         logits = linear(x, self._weight(), self.b_U)  # (batch, pos, d_vocab)
         if self.softcap is None:
             return logits

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from glassformer.checkpoints import bart, bert, gemma, gpt2, gptj, llama, moe, neox, olmo2, phi3
+from glassformer.checkpoints import bart, bert, gemma, gpt2, gptj, llama, moe, neox, olmo2, phi3, t5
 from glassformer.checkpoints.files import atomic_write, read_json, read_weights, write_json
 from glassformer.checkpoints.tables import Family, HFState
 from glassformer.config import Config
@@ -41,12 +41,14 @@ def families() -> dict[str, Family]:
         "mixtral": moe.MIXTRAL_FAMILY,
         "qwen2_moe": moe.QWEN2_MOE_FAMILY,
         "qwen3_moe": moe.QWEN3_MOE_FAMILY,
+        "t5": t5.FAMILY,
     }
 
 
 def export(cfg: Config, state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Our config and tensors -> (Hugging Face config, tensors under their full names) of the first
-    decoder family that can hold them (the one the model came from, if any)."""
+    family with a way back (the decoder families and T5) that can hold them (the one the model came
+    from, if any)."""
     known, preferred = families(), cfg.extra.get("hf_model_type")
     exporters = {id(fam): fam for name, fam in sorted(known.items(), key=lambda kv: kv[0] != preferred) if fam.export}
     problems = []
@@ -58,16 +60,18 @@ def export(cfg: Config, state: dict[str, Tensor]) -> tuple[dict[str, Any], dict[
             problems.append(str(err))
     else:
         raise CheckpointError("no Hugging Face decoder family fits this model:\n  " + "\n  ".join(problems))
-    # The body under the family's prefix ("model.layers.0…"); an output head ("lm_head.bias") beside it.
-    tensors = {(k if k.startswith("lm_head.") else family.prefixes[0] + k): v for k, v in tensors.items()}
+    # The body under the family's prefix ("model.layers.0…", none for T5); an output head ("lm_head.bias") beside it.
+    prefix = family.prefixes[0] if family.prefixes else ""
+    tensors = {(k if k.startswith("lm_head.") else prefix + k): v for k, v in tensors.items()}
     if not cfg.tie_embeddings:
         tensors["lm_head.weight"] = state["unembed.weight"]
     return hf_config, tensors
 
 
 def to_hf(cfg: Config, state: dict[str, Tensor], directory: str | Path) -> Path:
-    """Write a decoder as a Hugging Face checkpoint (config.json + model.safetensors) that
-    `transformers.AutoModelForCausalLM.from_pretrained(directory)` opens with the same numbers."""
+    """Write a decoder (or a T5 encoder-decoder) as a Hugging Face checkpoint (config.json +
+    model.safetensors) that `transformers.AutoModelForCausalLM.from_pretrained(directory)`
+    (`AutoModelForSeq2SeqLM` for T5) opens with the same numbers."""
     hf_config, tensors = export(cfg, {k: v.detach() for k, v in state.items()})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,7 @@ def direct_logit_attribution(
         labels, parts = _components(model, cache, stack, position)
         stream = torch.stack(parts)  # (n_components, batch, d_model)
         norm = model.decoder.ln_final if stack else model.ln_final
-        w_u = model.unembed.W_U  # (d_model, d_vocab)
+        w_u = model.unembed.W_U * model.cfg.unembed_scale  # (d_model, d_vocab); the head scales x first
         direction = w_u[:, target] - (w_u[:, wrong] if wrong is not None else 0)  # (d_model,)
         bias = _bias(model, target, wrong)
         if isinstance(norm, Norm):

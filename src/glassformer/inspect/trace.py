@@ -2,8 +2,9 @@
 
 Every step names its cell, the operation, the hook it comes from and the full tensor shape; the
 numbers shown are the traced token's slice, all of them when they fit, the largest otherwise.
-Dot product, scale and mask are separate steps, recomputed from the cached q and k so the
-arithmetic of the scores cell is visible even though the model computes them in one go.
+Dot product, scale, relative position bias (T5) and mask are separate steps, recomputed from the
+cached q and k so the arithmetic of the scores cell is visible even though the model computes them
+in one go.
 """
 
 from __future__ import annotations
@@ -126,6 +127,13 @@ class _Walker:
         default = math.isclose(module.scale, 1 / math.sqrt(q.shape[-1]))
         factor = "1/sqrt(d_head)" if default else "the configured scale"
         self.add("attention scores", f"× {factor} = × {module.scale:.4f}", scores_hook, dots * module.scale, source)
+        bias_hook = a.split("blocks.")[0] + "hook_position_bias"  # the stack's relative position bias
+        if a.endswith(".attn") and self.has(bias_hook):
+            bias = c[bias_hook][0, :, p]  # (n_heads, k_pos)
+            self.add("relative position bias", "W_rel[bucket(key − query)] per head", bias_hook, bias)
+            biased = dots * module.scale + bias  # (n_heads, k_pos)
+            recomputed = "recomputed from q, k and the bias"
+            self.add("attention scores", "+ relative position bias", scores_hook, biased, recomputed)
         masked = c[scores_hook][b, :, p]  # (n_heads, k_pos)
         if causal or bool(torch.isinf(masked).any()):
             what = "causal" if causal else "padding"
@@ -273,7 +281,8 @@ def trace(
             "soft-capping", f"logits = {cfg.final_softcap:g} · tanh(logits / {cfg.final_softcap:g})", "hook_logits"
         )
     else:
-        walker.add("output head", "logits = x @ W_U + b_U", "hook_logits")
+        scaled = "" if cfg.unembed_scale == 1.0 else f" · {cfg.unembed_scale:.4f}"
+        walker.add("output head", f"logits = x{scaled} @ W_U + b_U", "hook_logits")
     label = f' ("{labels[pos]}")' if labels else ""
     title = (
         f"glassformer trace: {cfg.arch}, {n_layers} layer(s), d_model={cfg.d_model}, "
