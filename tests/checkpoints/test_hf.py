@@ -492,32 +492,29 @@ GREEDY = [
 ]
 
 
-@pytest.mark.parametrize("family", GREEDY)
-def test_greedy_generation_matches_transformers(family):
-    """Same 48 new tokens as transformers' generate (KV cache on both sides), with a left-padded row."""
+def assert_greedy_matches(family: str, prompt_len: int, pads: int, new: int = 48) -> None:
+    """`new` greedy tokens (KV cache on both sides) equal transformers' `generate`, on a batch whose
+    first row is left-padded by `pads`."""
     hf = build(family)
     model = gf.Transformer.from_hf(hf)
-    prompt = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, 101, (2, prompt_len), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(prompt)
-    mask[0, :2] = 0
+    mask[0, :pads] = 0
     expected = hf.generate(
-        prompt, attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0, eos_token_id=None
+        prompt, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None
     )
-    assert torch.equal(model.generate(prompt, 48, attention_mask=mask), expected)
+    assert torch.equal(model.generate(prompt, new, attention_mask=mask), expected)
+
+
+@pytest.mark.parametrize("family", GREEDY)
+def test_greedy_generation_matches_transformers(family):
+    assert_greedy_matches(family, prompt_len=6, pads=2)
 
 
 @pytest.mark.parametrize("family", WINDOWED)
 def test_greedy_generation_crosses_the_sliding_window_as_transformers_does(family):
-    """48 new tokens with windows of 4-5 keys: prefill and every KV-cache step beyond the window."""
-    hf = build(family)
-    model = gf.Transformer.from_hf(hf)
-    prompt = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(prompt)
-    mask[0, :3] = 0
-    expected = hf.generate(
-        prompt, attention_mask=mask, max_new_tokens=48, do_sample=False, pad_token_id=0, eos_token_id=None
-    )
-    assert torch.equal(model.generate(prompt, 48, attention_mask=mask), expected)
+    """Windows of 4-5 keys: the prefill and every KV-cache step beyond the window."""
+    assert_greedy_matches(family, prompt_len=9, pads=3)
 
 
 def test_a_sliding_window_is_not_the_context_length():
