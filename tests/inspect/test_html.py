@@ -54,6 +54,24 @@ def test_trace_section_shows_the_worked_example_numbers():
     assert "blocks.0.attn.hook_pattern" in section and "shape (1, 2, 3, 3)" in section
 
 
+def test_the_page_of_a_sliding_window_soft_capped_model_shows_its_cells_and_banded_patterns():
+    m = model(
+        positional="rotary",
+        norm="rmsnorm",
+        norm_position="sandwich",
+        act="geglu",
+        qk_norm="head",
+        sliding_window=2,
+        layer_types=["sliding", "full"],
+        attn_softcap=2.0,
+    )
+    text = page(m, TOKENS, labels=LABELS)
+    for hook in ("attn.hook_attn_scores_capped", "attn.q_norm.hook_normalized", "ln1_post.hook_normalized"):
+        assert f"blocks.0.{hook}" in text
+    local, full = (torch.tensor(view["pattern"]) for view in embedded_data(text)["views"])
+    assert (local[:, 4, :3] == 0).all() and (full[:, 4] > 0).all()  # layer 0 sees 2 keys, layer 1 all 5
+
+
 def test_encoder_decoder_views_include_cross_attention_with_source_keys():
     m = model(arch="encoder-decoder", n_layers=1)
     tgt = torch.tensor([[1, 2, 3]])
