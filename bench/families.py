@@ -73,12 +73,43 @@ def describe(hf: nn.Module) -> str:
     return f"{type(hf).__name__} ({params / 1e6:.0f} M parameters, {4 * params / 1e6:.0f} MB in float32)"
 
 
+def weight_matrices(model: gf.Transformer) -> int:
+    """Parameters of every weight product a token goes through: the blocks' matrices and the
+    unembedding (W_E again when tied), not the embedding lookup (one row per token)."""
+    cfg = model.cfg
+    lookups = ("embed", "pos_embed", "token_type_embed")  # tables a token reads one row of
+    matrices = sum(
+        p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name.split(".")[0] not in lookups
+    )
+    if cfg.tie_embeddings:
+        matrices += cfg.d_vocab * cfg.d_model  # the unembedding reads W_E
+    return matrices
+
+
+def matmul_shapes(model: gf.Transformer) -> tuple[tuple[int, int, int], ...]:
+    """(rows, in, out) of the model's block products for forward.py's ceiling, as for GPT-2: the
+    MLP's in and out at 1024 rows, the fused q/k/v at 1024 rows, the MLP's in at 128 rows."""
+    cfg = model.cfg
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.d_head
+    return (
+        (1024, cfg.d_model, cfg.d_mlp),
+        (1024, cfg.d_mlp, cfg.d_model),
+        (1024, cfg.d_model, qkv),
+        (128, cfg.d_model, cfg.d_mlp),
+    )
+
+
+def agreement_shapes(model: gf.Transformer) -> list[tuple[int, int]]:
+    """(batch, pos) on which logits are compared before timing: 2x64, and one sequence 64 tokens
+    longer than the sliding window when there is one (so the windowed layers are checked too)."""
+    windows = [w for w in (model.cfg.window(i) for i in range(model.cfg.n_layers)) if w]
+    return [(2, 64)] + ([(1, max(windows) + 64)] if windows else [])
+
+
 def forward_flops(model: gf.Transformer, batch: int, pos: int) -> float:
     """FLOPs of one forward pass of `batch` sequences of `pos` tokens (see the module docstring)."""
     cfg = model.cfg
-    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed.W_E")
-    if cfg.tie_embeddings:
-        matrices += cfg.d_vocab * cfg.d_model  # the unembedding reads W_E
+    matrices = weight_matrices(model)
     attention = 0.0
     for i in range(cfg.n_layers):
         window = cfg.window(i) or pos

@@ -10,6 +10,7 @@ drift of the machine affects all of them alike; the median of the repeats is rep
     .venv-tl4/bin/python bench/forward.py --peer tl4     # TransformerLens 4.x TransformerBridge as peer
     .venv/bin/python bench/forward.py --quick            # 1x128 only, 3 repeats: a smoke test
     .venv/bin/python bench/forward.py --keep-freed-memory  # glibc keeps freed memory (see glassformer/memory.py)
+    .venv/bin/python bench/forward.py --model gemma3     # or qwen3: bench/families.py's model against transformers
 
 FLOP convention: 2 FLOPs per multiply-add of every weight matmul (QKV, W_O, W_in, W_out and the
 unembedding) per token, plus attention counted causally: QK^T and pattern@V over the lower triangle,
@@ -165,14 +166,16 @@ def check_quiet(when: str, record: list[tuple[str, float]]) -> None:
     print(f"  machine busy {100 * busy:.0f}% {when}{warning}")
 
 
-def matmul_ceiling(repeats: int, patience: float) -> dict[str, float]:
-    """fp32 GFLOP/s of `(m, k) @ (k, n)` for GPT-2-sized shapes, by `torch.mm` (MKL) and by oneDNN's
+def matmul_ceiling(
+    repeats: int, patience: float, shapes: tuple[tuple[int, int, int], ...] = MATMUL_SHAPES
+) -> dict[str, float]:
+    """fp32 GFLOP/s of `(m, k) @ (k, n)` for `shapes` (GPT-2's by default), by `torch.mm` (MKL) and by oneDNN's
     inner product (what glassformer's `linear` runs without autograd): median over `repeats`
     samples of MATMULS_PER_SAMPLE products each, a sample taken again when another process used
     the CPUs."""
     gen = torch.Generator().manual_seed(0)
     result = {}
-    for m, k, n in MATMUL_SHAPES:
+    for m, k, n in shapes:
         a, b, out = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen), torch.empty(m, n)
         b_rows = b.T.contiguous()  # (n, k): the (out_features, in_features) layout of a weight
         products = {"mm": partial(torch.mm, a, b, out=out)}
@@ -608,34 +611,55 @@ def family_report(cases: dict[str, Case], labels: list[str], glass: gf.Transform
     """Markdown for a bench/families.py model: glassformer against transformers, its share of the
     matmul ceiling, run_with_cache against the plain forward, and the issue's forward target."""
     head = (
-        "| batch×pos | glassformer (s) | HF sdpa (s) | gf/HF | target gf/HF ≤ 0.8 | GFLOP | gf GFLOP/s "
-        "| gf % of ceiling | gf run_with_cache (s) | cache/forward |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| batch×pos | glassformer (s) | HF sdpa (s) | gf/HF | target gf/HF ≤ 0.8 | gf with F.linear (s) | its /HF "
+        "| GFLOP | gf GFLOP/s | gf % of ceiling | HF % of ceiling | gf run_with_cache (s) | cache/forward |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for label in labels:
-        g, h, c = (med(cases[n], label) for n in ("glassformer", "HF", "glassformer cache"))
-        flops = families.forward_flops(glass, *parse_shape(label))
+        g, h, mkl, c = (
+            med(cases[n], label) for n in ("glassformer", "HF", "glassformer F.linear", "glassformer cache")
+        )
+        gflops = families.forward_flops(glass, *parse_shape(label)) / 1e9
         rows.append(
-            f"| {label} | {g:.3f} | {h:.3f} | {g / h:.3f} | {'PASS' if g / h <= 0.8 else 'FAIL'} | {flops / 1e9:.1f} "
-            f"| {flops / g / 1e9:.1f} | {100 * flops / g / 1e9 / ceiling:.0f}% | {c:.3f} | {c / g:.2f} |"
+            f"| {label} | {g:.3f} | {h:.3f} | {g / h:.3f} | {'PASS' if g / h <= 0.8 else 'FAIL'} | {mkl:.3f} "
+            f"| {mkl / h:.3f} | {gflops:.1f} | {gflops / g:.1f} | {100 * gflops / g / ceiling:.0f}% "
+            f"| {100 * gflops / h / ceiling:.0f}% | {c:.3f} | {c / g:.2f} |"
         )
     return "\n".join([head, *rows])
 
 
-def run_family(args: argparse.Namespace, labels: list[str], quiet: list[tuple[str, float]]) -> None:
+def run_family(
+    args: argparse.Namespace, labels: list[str], quiet: list[tuple[str, float]]
+) -> tuple[dict[str, float], dict, dict[str, int], dict[str, Case]]:
     """forward.py --model gemma3|qwen3: glassformer (from_hf, the default path) against transformers."""
     dropped: dict[str, int] = {}
     with torch.inference_mode():
-        ceiling = max(matmul_ceiling(max(args.repeats, 5), args.patience).values())
-        print(f"matmul ceiling: {ceiling:.0f} GFLOP/s")
         hf = families.build(args.model)
         glass = gf.Transformer.from_hf(hf)
         print(f"model: {families.describe(hf)}; peer: transformers (the lean model and TL are GPT-2's)")
-        print("agreement with HF on 2x64 random tokens:")
-        tokens = torch.randint(0, glass.cfg.d_vocab, (2, 64), generator=torch.Generator().manual_seed(1))
-        check_agreement({"glassformer": glass}, hf_logits(hf, tokens), tokens)
-        cases = {c.name: c for c in (Case("glassformer", glass), Case("HF", lambda t: hf_logits(hf, t)))}
-        cases["glassformer cache"] = Case("glassformer cache", glass.run_with_cache)
+        print(
+            f"FLOPs: {families.weight_matrices(glass) / 1e6:.1f} M weight-matrix parameters per token "
+            "(blocks + unembedding), attention over the keys each query sees (window where sliding)"
+        )
+        ceiling_by_shape = matmul_ceiling(max(args.repeats, 5), args.patience, families.matmul_shapes(glass))
+        ceiling = max(ceiling_by_shape.values())
+        print("matmul fp32 GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ceiling_by_shape.items()))
+        print(f"matmul ceiling: {ceiling:.0f} GFLOP/s")
+        agreement = {}
+        for batch, pos in families.agreement_shapes(glass):
+            print(f"agreement with HF on {batch}x{pos} random tokens:")
+            tokens = torch.randint(0, glass.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(1))
+            agreement[f"{batch}x{pos}"] = check_agreement({"glassformer": glass}, hf_logits(hf, tokens), tokens)
+        cases = {
+            c.name: c
+            for c in (
+                Case("glassformer", glass),
+                Case("glassformer F.linear", with_f_linear(glass)),
+                Case("HF", lambda t: hf_logits(hf, t)),
+                Case("glassformer cache", glass.run_with_cache),
+            )
+        }
         for label in labels:
             batch, pos = parse_shape(label)
             tokens = torch.randint(0, glass.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(pos))
@@ -649,6 +673,7 @@ def run_family(args: argparse.Namespace, labels: list[str], quiet: list[tuple[st
     print("\n### Spread: median [min, max] seconds, most cores used by other processes\n")
     print("rounds dropped as contended: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) + "\n")
     print(spread_table(cases, labels))
+    return ceiling_by_shape, agreement, dropped, cases
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -670,7 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     dropped: dict[str, int] = {}
     check_quiet("before the run", quiet)
     if args.model != "gpt2":
-        run_family(args, labels, quiet)
+        ceiling_by_shape, agreement, dropped, cases = run_family(args, labels, quiet)
+        if args.json:
+            write_json(args, info, ceiling_by_shape, agreement, quiet, dropped, cases)
         return
     with torch.inference_mode():
         ceiling_by_shape = matmul_ceiling(max(args.repeats, 5), args.patience)
@@ -694,21 +721,35 @@ def main(argv: list[str] | None = None) -> None:
 
     print_report(cases, labels, peer, ceiling, dropped)
     if args.json:
-        record = {
-            "argv": sys.argv,
-            "keep_freed_memory": args.keep_freed_memory,
-            "cpu": cpu_model(),
-            "threads": THREADS,
-            "versions": info,
-            "matmul_gflops": ceiling_by_shape,
-            "agreement": agreement,
-            "busy": quiet,
-            "dropped_rounds": dropped,
-            "times": {c.name: c.times for c in cases.values()},
-            "others_cores": {c.name: c.others for c in cases.values()},
-            "cache": {c.name: c.cache for c in cases.values() if c.cache},
-        }
-        args.json.write_text(json.dumps(record, indent=2))
+        write_json(args, info, ceiling_by_shape, agreement, quiet, dropped, cases)
+
+
+def write_json(
+    args: argparse.Namespace,
+    info: dict[str, str],
+    ceiling_by_shape: dict[str, float],
+    agreement: dict,
+    quiet: list[tuple[str, float]],
+    dropped: dict[str, int],
+    cases: dict[str, Case],
+) -> None:
+    """Every measurement of the run, to `args.json`."""
+    record = {
+        "argv": sys.argv,
+        "model": args.model,
+        "keep_freed_memory": args.keep_freed_memory,
+        "cpu": cpu_model(),
+        "threads": THREADS,
+        "versions": info,
+        "matmul_gflops": ceiling_by_shape,
+        "agreement": agreement,
+        "busy": quiet,
+        "dropped_rounds": dropped,
+        "times": {c.name: c.times for c in cases.values()},
+        "others_cores": {c.name: c.others for c in cases.values()},
+        "cache": {c.name: c.cache for c in cases.values() if c.cache},
+    }
+    args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """Greedy decoding speed, side by side: glassformer (KV cache, eager and compiled decode step) vs
 Hugging Face `generate` (use_cache=True) vs TransformerLens 3.9 `generate` (KV cache on).
 
-GPT-2-small dimensions, random weights shared by all, float32, 2 threads, prompt 32, 128 new tokens,
-batch 1 and 8. Tokens/s counts new tokens of all rows. Before timing, glassformer's tokens are
-checked against transformers' (same weights, greedy: they must be identical).
+GPT-2-small dimensions by default, or a Gemma-3- / Qwen3-shaped model (`--model`, bench/families.py:
+transformers is the only peer there, the lean model and TransformerLens being GPT-2's); random
+weights shared by all, float32, 2 threads, prompt 32, 128 new tokens, batch 1 and 8. Tokens/s counts
+new tokens of all rows. Before timing, glassformer's logits are checked against transformers' (as in
+bench/forward.py: no timing above 1e-3) and its greedy tokens must be identical to transformers'.
+Timing is bench/forward.py's round-robin: the runners take turns, medians are reported, and a round in
+which other processes used the CPUs is run again.
 
     .venv/bin/python bench/generate.py [--repeats 3] [--batches 1,8] [--new 128] [--no-tl] [--no-compile]
     .venv/bin/python bench/generate.py --model gemma3|qwen3   # bench/families.py's models, transformers as peer
+    .venv/bin/python bench/generate.py --quick                # smoke test: batch 1, 16 new tokens, 1 round
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,16 +27,31 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 import families  # noqa: E402
-from forward import THREADS, Dims, build_hf, build_tl3, cpu_model  # noqa: E402
+from forward import (  # noqa: E402
+    THREADS,
+    Case,
+    Dims,
+    build_hf,
+    build_tl3,
+    check_agreement,
+    check_quiet,
+    cpu_flags,
+    cpu_model,
+    hf_logits,
+    time_round_robin,
+    versions,
+)
 
 import glassformer as gf  # noqa: E402
 
 PROMPT = 32
+TARGETS = {1: 1.5, 8: 1.2}  # glassformer / transformers tokens/s, by batch (issues 4 and 12)
 
 
-def runners(hf: torch.nn.Module, dims: Dims, new: int, with_tl: bool, with_compile: bool) -> dict[str, Callable]:
+def runners(
+    hf: torch.nn.Module, ours: gf.Transformer, dims: Dims, new: int, with_tl: bool, with_compile: bool
+) -> dict[str, Callable[[Tensor], Tensor]]:
     """name -> fn(prompt) returning prompt + new tokens, greedy, all with the same weights."""
-    ours = gf.Transformer.from_hf(hf)
     out: dict[str, Callable[[Tensor], Tensor]] = {
         "transformers": lambda p: hf.generate(
             p,
@@ -55,17 +74,49 @@ def runners(hf: torch.nn.Module, dims: Dims, new: int, with_tl: bool, with_compi
     return out
 
 
-def time_all(fns: dict[str, Callable], prompt: Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per generate call; the models take turns so drift hits all alike."""
-    for fn in fns.values():
-        fn(prompt)  # warm-up (and compilation)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn(prompt)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def check_before_timing(hf: torch.nn.Module, ours: gf.Transformer, fns: dict[str, Callable], prompts: dict) -> None:
+    """Logits within bench/forward.py's tolerance, and greedy tokens identical to transformers' for
+    every prompt (eager and compiled); exits otherwise, before anything is timed."""
+    for batch, pos in families.agreement_shapes(ours):
+        tokens = torch.randint(0, ours.cfg.d_vocab, (batch, pos), generator=torch.Generator().manual_seed(1))
+        print(f"agreement with HF on {batch}x{pos} random tokens:")
+        check_agreement({"glassformer": ours}, hf_logits(hf, tokens), tokens)
+    for batch, prompt in prompts.items():
+        reference = fns["transformers"](prompt)
+        for name in (n for n in fns if n.startswith("glassformer")):
+            same = torch.equal(fns[name](prompt), reference)
+            print(f"  batch {batch}: {name} greedy tokens identical to transformers': {same}")
+            if not same:
+                sys.exit("greedy tokens differ from transformers': timing would compare different work")
+
+
+def report(cases: dict[str, Case], prompts: dict, new: int, weight_bytes: int) -> None:
+    """Markdown: tokens/s of every runner, glassformer's ratio to transformers against the targets,
+    and its time per decode step (one new token in every row; the prompt's forward is spread over the
+    steps) with the rate at which that step reads every weight matrix once."""
+    names = list(cases)
+    head = (
+        "| batch | "
+        + " | ".join(f"{n} tok/s" for n in names)
+        + " | gf/transformers | target | gf compiled/transformers | gf/TL | gf ms/step | gf weight GB/s |"
+    )
+    rows = [head, "|---" * (len(names) + 7) + "|"]
+    for batch in prompts:
+        label = f"b={batch}"
+        rate = {n: batch * new / statistics.median(cases[n].times[label]) for n in names}
+        ratio = rate["glassformer"] / rate["transformers"]
+        target = TARGETS.get(batch)
+        verdict = f"≥ {target}: {'PASS' if ratio >= target else 'MISS'}" if target else ""
+        compiled = rate.get("glassformer compiled", float("nan")) / rate["transformers"]
+        vs_tl = rate["glassformer"] / rate["TransformerLens 3.9"] if "TransformerLens 3.9" in rate else float("nan")
+        step = batch / rate["glassformer"]  # seconds per decode step (one new token in every row)
+        rows.append(
+            f"| {batch} | "
+            + " | ".join(f"{rate[n]:.1f}" for n in names)
+            + f" | {ratio:.2f} | {verdict} | {compiled:.2f} | {vs_tl:.2f} | {1e3 * step:.1f} "
+            f"| {weight_bytes / step / 1e9:.1f} |"
+        )
+    print("\n".join(rows))
 
 
 def main() -> None:
@@ -76,42 +127,48 @@ def main() -> None:
     parser.add_argument("--no-tl", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--model", choices=("gpt2", *families.MODELS), default="gpt2")
+    parser.add_argument("--patience", type=float, default=300.0, help="seconds to wait for a quiet machine (300)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: batch 1, 16 new tokens, 1 round")
     args = parser.parse_args()
+    if args.quick:
+        args.batches, args.new, args.repeats = "1", 16, 1
     torch.set_num_threads(THREADS)
     dims = Dims()
     hf = build_hf(dims) if args.model == "gpt2" else families.build(args.model)
+    ours = gf.Transformer.from_hf(hf)
     name = "GPT-2 small" if args.model == "gpt2" else families.describe(hf)
     weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    matrix_bytes = 4 * families.weight_matrices(ours)  # read once per decode step (float32)
+    with_tl = not args.no_tl and args.model == "gpt2"  # TransformerLens: GPT-2 only here
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"machine: {cpu_model()} ({cpu_flags()}), {THREADS} threads")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(
-        f"{cpu_model()}, {THREADS} threads; {name}, float32 ({weight_bytes / 1e6:.0f} MB of weights); "
-        f"prompt {PROMPT}, {args.new} new tokens, greedy; medians of {args.repeats}\n"
+        f"{name}, float32 ({weight_bytes / 1e6:.0f} MB of weights, {matrix_bytes / 1e6:.0f} MB of weight matrices "
+        f"read per decode step); prompt {PROMPT}, {args.new} new tokens, greedy; medians of {args.repeats}"
+        + ("" if with_tl else "; peer: transformers only (the lean model and TransformerLens are GPT-2's)")
     )
-    with_tl = not args.no_tl and args.model == "gpt2"  # TransformerLens 3.9 has no random-weight Gemma 3 / Qwen3
-    vocab = hf.config.vocab_size
+    quiet: list[tuple[str, float]] = []
+    check_quiet("before the run", quiet)
+    prompts = {
+        batch: torch.randint(0, ours.cfg.d_vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
+        for batch in map(int, args.batches.split(","))
+    }
     with torch.inference_mode():
-        fns = runners(hf, dims, args.new, with_tl, not args.no_compile)
-        rows = []
-        for batch in map(int, args.batches.split(",")):
-            prompt = torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
-            same = torch.equal(fns["glassformer"](prompt), fns["transformers"](prompt))
-            seconds = time_all(fns, prompt, args.repeats)
-            rows.append((batch, same, {name: batch * args.new / s for name, s in seconds.items()}))
-    names = list(fns)
-    print(
-        f"{'batch':>5} {'same tokens':>11} "
-        + " ".join(f"{n + ' tok/s':>26}" for n in names)
-        + f" {'ours/transformers':>18} {'ours/TL':>8}"
-    )
-    for batch, same, rate in rows:
-        tl = rate.get("TransformerLens 3.9")
-        vs_tl = rate["glassformer"] / tl if tl else float("nan")
-        print(
-            f"{batch:>5} {str(same):>11} "
-            + " ".join(f"{rate[n]:>26.1f}" for n in names)
-            + f" {rate['glassformer'] / rate['transformers']:>18.2f} {vs_tl:>8.2f}"
-        )
-    print("\ntargets: ours/transformers >= 1.5 at batch 1 and >= 1.2 at batch 8")
+        fns = runners(hf, ours, dims, args.new, with_tl, not args.no_compile)
+        check_before_timing(hf, ours, fns, prompts)
+        cases = {name: Case(name, fn) for name, fn in fns.items()}
+        dropped = {}
+        for batch, prompt in prompts.items():
+            label = f"b={batch}"
+            dropped[label] = time_round_robin(list(cases.values()), label, prompt, args.repeats, 1, args.patience)
+            check_quiet(f"after batch {batch}", quiet)
+    print(f"\n### Greedy decoding, prompt {PROMPT} + {args.new} new tokens, median of {args.repeats}\n")
+    report(cases, prompts, args.new, matrix_bytes)
+    print("\nrounds dropped as contended: " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    for case in cases.values():
+        spread = ", ".join(f"{lb} [{min(t):.2f}, {max(t):.2f}] s" for lb, t in case.times.items())
+        print(f"  {case.name}: {spread}")
 
 
 if __name__ == "__main__":
