@@ -167,6 +167,8 @@ def stream(
         stop_ids = torch.tensor(stops, dtype=torch.long, device=prompt.device)
         logits = prefill(model, prompt, valid, cache, encoder_out, encoder_mask)
         restart = rerotation_point(model)
+        if restart is not None and cache.length > restart:  # a long prompt: its keys are rotated long already
+            restart = None
         for i in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (batch,)
             if stops:
@@ -180,6 +182,7 @@ def stream(
             if cache.length == restart:  # the sequence outgrows the short factors: every key again, rotated long
                 cache.truncate(0)
                 logits = prefill(model, prompt, valid, cache, encoder_out, encoder_mask)
+                restart = None  # once only: the tokens need not be kept any more
             else:
                 cache.advance(one_real)
                 logits = step(token[:, None], next_position, cache, encoder_out, encoder_mask)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glassformer.checkpoints import moe
+from glassformer.checkpoints import gemma, moe
 from glassformer.checkpoints.files import atomic_write
 from glassformer.checkpoints.gguf_rope import FREQS, frequency_divisors, gguf_rope_scaling, rope_scaling
 from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
@@ -204,10 +204,10 @@ def _gemma_scale(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
 
 def _gemma_fits(cfg: Config) -> str | None:
     """What llama.cpp fixes for Gemma 2/3 and a file cannot say otherwise."""
-    period = 6 if cfg.qk_norm == "head" else 2  # Gemma 3: five sliding layers to one global; Gemma 2: alternate
-    pattern = ["full" if (i + 1) % period == 0 else "sliding" for i in range(cfg.n_layers)]
+    version = gemma.version(cfg)  # llama.cpp slides the layers as the family's default pattern does
+    pattern = ["sliding" if gemma.PATTERNS[version](i) else "full" for i in range(cfg.n_layers)]
     if cfg.sliding_window is not None and cfg.layer_types != pattern:
-        return f"its layer_types are not llama.cpp's fixed pattern (every {period}th layer global)"
+        return f"its layer_types are not llama.cpp's fixed {version} pattern ({pattern})"
     if cfg.attn_scale is not None and abs(cfg.attn_scale - cfg.d_head**-0.5) > 1e-9:
         return f"attn_scale={cfg.attn_scale} is not 1/sqrt(d_head), the only scale llama.cpp uses"
     if cfg.qk_norm == "head" and cfg.rotary_base_local not in (None, 10000.0):
