@@ -92,7 +92,7 @@ class Transformer(TextIO, HookedRoot):
         self.cfg = cfg
         self.embed = Embed(cfg)
         rotary = rotary_cells(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         if cfg.arch == "encoder-decoder":
             self.encoder = Stack(cfg, cfg.n_layers, causal=False, cross=False, rotary=rotary)
             self.decoder = Stack(cfg, cfg.n_decoder_layers, causal=True, cross=True, rotary=rotary)

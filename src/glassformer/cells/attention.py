@@ -182,8 +182,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.normalize(self.q_norm, q), self.normalize(self.k_norm, k)
         if self.rotary is not None:
-            q = self.hook_rot_q(self.rotary(q, positions))
-            k = self.hook_rot_k(self.rotary(k, positions))
+            q, k = self.rotary.rotate(q, k, positions)
+            q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         if cache is None:
             return q, k.transpose(1, 2), v.transpose(1, 2)
         if kv_input is not None:

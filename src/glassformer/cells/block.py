@@ -37,7 +37,7 @@ class Block(nn.Module):
         norm_before = cfg.norm_position != "output"  # the norm a cell reads through (Identity if none)
         norm_after = cfg.norm_position in ("sandwich", "output")  # a norm of the cell's output
         self.parallel = cfg.parallel_attn_mlp
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # a no-op Dropout still costs a call
         self.hook_resid_pre = HookPoint()  # (batch, pos, d_model)
         self.ln1 = make_norm(cfg) if norm_before else nn.Identity()
         self.attn = Attention(cfg, causal=causal, rotary=rotary, window=window)

@@ -52,6 +52,13 @@ def spread(angles: Tensor, interleaved: bool) -> Tensor:
     return angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
 
 
+def signs(rotary_dim: int, interleaved: bool) -> Tensor:
+    """(rotary_dim,) the sign each dimension's sin takes in a rotation: -1 for the first member of a
+    pair, +1 for the second (the rotated pair is `(x₁ cos − x₂ sin, x₂ cos + x₁ sin)`)."""
+    pair = torch.tensor([-1.0, 1.0], **TABLES)
+    return pair.repeat(rotary_dim // 2) if interleaved else pair.repeat_interleave(rotary_dim // 2)
+
+
 def lookup(cos: Tensor, sin: Tensor, n_pos: int, positions: Tensor | None) -> tuple[Tensor, Tensor]:
     """Rows of (n_ctx, rotary_dim) tables: (pos, 1, rotary_dim), or (batch, pos, 1, rotary_dim) at positions."""
     if positions is None:
@@ -88,40 +95,49 @@ class Rotary(nn.Module):
             self.add_tables("long_", inv_freq, factor, cfg.n_ctx)
 
     def add_tables(self, prefix: str, inv_freq: Tensor, factor: float, n_ctx: int) -> None:
-        """Non-persistent `cos`/`sin` buffers (n_ctx, rotary_dim), times the variant's cos/sin factor."""
+        """Non-persistent `cos`/`signed_sin` buffers (n_ctx, rotary_dim), times the variant's cos/sin
+        factor; `signed_sin` carries each dimension's sign in the rotation (`signs`)."""
         angles = spread(torch.outer(torch.arange(n_ctx, **TABLES), inv_freq), self.interleaved)  # (n_ctx, rotary_dim)
         self.register_buffer(prefix + "cos", (angles.cos() * factor).float(), persistent=False)
-        self.register_buffer(prefix + "sin", (angles.sin() * factor).float(), persistent=False)
+        signed_sin = angles.sin() * factor * signs(self.rotary_dim, self.interleaved)
+        self.register_buffer(prefix + "signed_sin", signed_sin.float(), persistent=False)
 
     def forward(self, x: Tensor, positions: Tensor | None) -> Tensor:
         """Rotate the first rotary_dim dims of each head of x (batch, pos, heads, d_head) by position."""
-        cos, sin = self.cos_sin(x, positions)  # (pos, 1, rotary_dim) or (batch, pos, 1, rotary_dim)
+        return self.turn(x, *self.cos_sin(x, positions))
+
+    def rotate(self, q: Tensor, k: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """q and k of the same positions rotated, the angles looked up once for both."""
+        cos, signed_sin = self.cos_sin(q, positions)  # (pos, 1, rotary_dim) or (batch, pos, 1, rotary_dim)
+        return self.turn(q, cos, signed_sin), self.turn(k, cos, signed_sin)
+
+    def turn(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        """`rot · cos + swap(rot) · sin`, swap exchanging the two members of each rotated pair (the sign
+        of the rotation is in the sin table: `(-x₂, x₁)` per pair)."""
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.interleaved:
-            pairs = rot.unflatten(-1, (-1, 2))  # (batch, pos, heads, rotary_dim/2, 2)
-            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)  # (batch, pos, heads, rotary_dim)
+            swapped = rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (batch, pos, heads, rotary_dim)
         else:
-            first, second = rot.chunk(2, dim=-1)
-            turned = torch.cat([-second, first], dim=-1)  # (batch, pos, heads, rotary_dim)
-        rotated = rot * cos + turned * sin  # (batch, pos, heads, rotary_dim)
+            swapped = rot.roll(self.rotary_dim // 2, dims=-1)  # (batch, pos, heads, rotary_dim): second half first
+        rotated = torch.addcmul(rot * cos, swapped, signed_sin)  # (batch, pos, heads, rotary_dim)
         return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
 
     def cos_sin(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
-        """cos and sin for x's positions (0..pos-1 when positions is None)."""
+        """cos and signed sin for x's positions (0..pos-1 when positions is None)."""
         n_pos = x.shape[1]
         if self.kind == "dynamic":
             return self.dynamic_cos_sin(x, n_pos, positions)
         if self.kind != "longrope":
-            return lookup(self.cos, self.sin, n_pos, positions)
+            return lookup(self.cos, self.signed_sin, n_pos, positions)
         if positions is None:  # the long factors once the sequence is longer than original_n_ctx
             return (
-                lookup(self.long_cos, self.long_sin, n_pos, None)
+                lookup(self.long_cos, self.long_signed_sin, n_pos, None)
                 if n_pos > self.original
-                else lookup(self.cos, self.sin, n_pos, None)
+                else lookup(self.cos, self.signed_sin, n_pos, None)
             )
         long = positions.max() + 1 > self.original  # a 0-dim bool tensor: no host sync
-        short_cos, short_sin = lookup(self.cos, self.sin, n_pos, positions.clamp(max=self.original - 1))
-        long_cos, long_sin = lookup(self.long_cos, self.long_sin, n_pos, positions)
+        short_cos, short_sin = lookup(self.cos, self.signed_sin, n_pos, positions.clamp(max=self.original - 1))
+        long_cos, long_sin = lookup(self.long_cos, self.long_signed_sin, n_pos, positions)
         return torch.where(long, long_cos, short_cos), torch.where(long, long_sin, short_sin)
 
     def dynamic_cos_sin(self, x: Tensor, n_pos: int, positions: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -131,4 +147,5 @@ class Rotary(nn.Module):
         angles = spread(positions[..., None].float() * inv_freq, self.interleaved)[
             ..., None, :
         ]  # (…, pos, 1, rotary_dim)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        signed_sin = angles.sin() * signs(self.rotary_dim, self.interleaved).to(angles)
+        return angles.cos().to(x.dtype), signed_sin.to(x.dtype)
