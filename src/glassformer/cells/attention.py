@@ -40,6 +40,7 @@ class AttentionMask:
     def __init__(self, key_valid: Tensor | None, q_slots: Tensor | None = None) -> None:
         self.key_valid, self.q_slots = key_valid, q_slots
         self._dense: dict[tuple[bool, int, int, int | None], Tensor | None] = {}
+        self._additive: dict[tuple[bool, int, int, int | None, torch.dtype], Tensor | None] = {}
 
     def allowed(
         self, causal: bool, q_len: int, k_len: int, device: torch.device, window: int | None = None
@@ -59,6 +60,22 @@ class AttentionMask:
                 mask = mask | ~mask.any(-1, keepdim=True)
             self._dense[key] = mask
         return self._dense[key]
+
+    def additive(
+        self, causal: bool, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype, window: int | None = None
+    ) -> Tensor | None:
+        """`allowed` as the fused kernel's float mask, 0 where allowed and -inf elsewhere: converted once
+        per forward for every layer (given a bool mask, the kernel converts it in each call, which costs
+        more than the attention itself when decoding one token)."""
+        key = (causal, q_len, k_len, window, dtype)
+        if key not in self._additive:
+            allowed = self.allowed(causal, q_len, k_len, device, window)
+            self._additive[key] = (
+                None
+                if allowed is None
+                else torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+            )  # (batch or 1, 1, pos, k_pos)
+        return self._additive[key]
 
 
 class Attention(nn.Module):
@@ -227,19 +244,23 @@ class Attention(nn.Module):
         return out if self.b_O is None else out + self.b_O
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, score_bias: Tensor | None) -> Tensor:
-        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all. A score bias
-        becomes the kernel's float mask, -inf where a key is not allowed."""
+        """Cells 4-5 in one kernel; a plain causal mask needs no mask tensor at all. Other masks go in
+        as a float mask (0 or -inf), with the score bias added where there is one."""
         q_len, k_len = q.shape[1], k.shape[2]
         unwindowed = self.window is None or self.window >= k_len
         is_causal = score_bias is None and self.causal and mask.key_valid is None and q_len == k_len and unwindowed
-        allowed = None if is_causal else mask.allowed(self.causal, q_len, k_len, q.device, self.window)
-        if score_bias is not None and allowed is not None:
-            score_bias = score_bias.masked_fill(~allowed, -math.inf)  # (batch, n_heads, pos, k_pos)
+        if is_causal:
+            attn_mask = None
+        elif score_bias is None:
+            attn_mask = mask.additive(self.causal, q_len, k_len, q.device, q.dtype, self.window)
+        else:
+            allowed = mask.allowed(self.causal, q_len, k_len, q.device, self.window)
+            attn_mask = score_bias if allowed is None else score_bias.masked_fill(~allowed, -math.inf)
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (batch, n_heads, pos, d_head)
             k,  # (batch, n_kv_heads, k_pos, d_head)
             v,
-            attn_mask=allowed if score_bias is None else score_bias,
+            attn_mask=attn_mask,  # (batch or 1, 1 or n_heads, pos, k_pos), or None
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
             scale=self.scale,

@@ -114,13 +114,14 @@ class Rotary(nn.Module):
     def turn(self, x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
         """`rot · cos + swap(rot) · sin`, swap exchanging the two members of each rotated pair (the sign
         of the rotation is in the sin table: `(-x₂, x₁)` per pair)."""
-        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if x.shape[-1] > self.rotary_dim:  # partial rotary: the rest of each head passes unchanged
+            rot, rest = x.split([self.rotary_dim, x.shape[-1] - self.rotary_dim], dim=-1)
+            return torch.cat([self.turn(rot, cos, signed_sin), rest], dim=-1)
         if self.interleaved:
-            swapped = rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (batch, pos, heads, rotary_dim)
+            swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (batch, pos, heads, rotary_dim)
         else:
-            swapped = rot.roll(self.rotary_dim // 2, dims=-1)  # (batch, pos, heads, rotary_dim): second half first
-        rotated = torch.addcmul(rot * cos, swapped, signed_sin)  # (batch, pos, heads, rotary_dim)
-        return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
+            swapped = x.roll(self.rotary_dim // 2, dims=-1)  # (batch, pos, heads, rotary_dim): second half first
+        return torch.addcmul(x * cos, swapped, signed_sin)  # (batch, pos, heads, rotary_dim)
 
     def cos_sin(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
         """cos and signed sin for x's positions (0..pos-1 when positions is None)."""
