@@ -153,6 +153,12 @@ def small_hf(family, vocab_size):
         "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
             t.Qwen2MoeConfig(**SMALL, vocab_size=vocab_size, num_experts=4, num_experts_per_tok=2)
         ),
+        # nor Qwen3-MoE's (768): the default it is; llama.cpp renormalises its top-k weights
+        "qwen3-moe": lambda: t.Qwen3MoeForCausalLM(
+            t.Qwen3MoeConfig(
+                **SMALL, vocab_size=vocab_size, head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True
+            )
+        ),
         "mixtral": lambda: t.MixtralForCausalLM(
             t.MixtralConfig(**SMALL, vocab_size=vocab_size, num_local_experts=4, sliding_window=None)
         ),
@@ -215,7 +221,7 @@ def tokenizer():
 
 # every family in float32; the storage types where their layout differs (llama's permuted Q/K rows, GPT-2's
 # transposed matrices): each case loads the file in transformers, about 10 s here
-FAMILIES_F32 = ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2-moe")
+FAMILIES_F32 = ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2-moe", "qwen3-moe")
 CASES = [(f, "f32") for f in FAMILIES_F32] + [
     ("llama", "f16"),
     ("llama", "q8_0"),
@@ -253,6 +259,16 @@ def test_round_trip_keeps_the_numbers(tmp_path, tokenizer, family):
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen3-moe"])
+def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, tokenizer, family):
+    model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
+    model.tokenizer = tokenizer
+    back = gf.Transformer.from_gguf(model.to_gguf(tmp_path / "model.gguf"))
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
 def test_what_llama_cpp_fixes_for_gemma_is_refused_before_writing(tmp_path, tokenizer):
     """llama.cpp scales Gemma 2 scores by 1/sqrt(head_dim) and alternates its layers, whatever a file says."""
     model = gf.Transformer.from_hf(small_hf("gemma2", tokenizer.vocab_size))
@@ -287,11 +303,15 @@ def test_mixtral_round_trip_keeps_the_numbers(tmp_path, tokenizer, dtype):
     assert (ours(tokens) - hf(tokens).logits).abs().max() <= tolerance
 
 
-def test_a_qwen2moe_file_holds_no_renormalised_routing(tmp_path, tokenizer):
-    model = gf.Transformer.from_hf(small_hf("qwen2-moe", tokenizer.vocab_size))
-    model.cfg.norm_topk_prob = True
+@pytest.mark.parametrize(
+    ("family", "architecture", "fixed"), [("qwen2-moe", "qwen2moe", False), ("qwen3-moe", "qwen3moe", True)]
+)
+def test_a_qwen_moe_file_holds_only_the_routing_llama_cpp_runs(tmp_path, tokenizer, family, architecture, fixed):
+    """llama.cpp never renormalises qwen2moe's top-k weights and always renormalises qwen3moe's."""
+    model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
+    model.cfg.norm_topk_prob = not fixed
     model.tokenizer = tokenizer
-    with pytest.raises(gf.CheckpointError, match="GGUF qwen2moe: norm_topk_prob=True"):
+    with pytest.raises(gf.CheckpointError, match=f"GGUF {architecture}: norm_topk_prob={not fixed}"):
         model.to_gguf(tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
 

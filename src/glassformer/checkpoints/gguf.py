@@ -91,13 +91,13 @@ LLAMA_SETTINGS = {
     "expert_count": "num_local_experts",  # Mixtral
     "expert_used_count": "num_experts_per_tok",
 }
-QWEN2MOE_SETTINGS = {
+QWEN3MOE_SETTINGS = {
     **{k: v for k, v in LLAMA_SETTINGS.items() if not k.startswith("expert_")},
     "expert_count": "num_experts",
     "expert_used_count": "num_experts_per_tok",
     "expert_feed_forward_length": "moe_intermediate_size",
-    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
+QWEN2MOE_SETTINGS = {**QWEN3MOE_SETTINGS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 GPT2_NAMES = [
     ("token_embd.weight", "transformer.wte.weight", False),
     ("position_embd.weight", "transformer.wpe.weight", False),
@@ -185,6 +185,7 @@ QWEN2MOE_NAMES = [
     ),
 ]
 QK_NORM_ROWS = [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]
+QWEN3_NAMES = _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS)
 # Gemma 2/3 and OLMo 2 norm their cells' outputs (and Gemma 2/3's ffn_norm is the norm before the MLP).
 POST_NORM_ROWS = [("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]
 SANDWICH_ROWS = [*_replace(LLAMA_ROWS, ffn_norm="pre_feedforward_layernorm"), *POST_NORM_ROWS]
@@ -244,8 +245,13 @@ ARCHITECTURES = {
         {"hidden_act": "silu", "norm_topk_prob": False, "qkv_bias": True},
     ),
     "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
-    "qwen3": Architecture(
-        "qwen3", LLAMA_SETTINGS, _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS), {"hidden_act": "silu"}
+    "qwen3": Architecture("qwen3", LLAMA_SETTINGS, QWEN3_NAMES, {"hidden_act": "silu"}),
+    # llama.cpp's qwen3moe always renormalises the top-k weights (qwen3moe.cpp's build_moe_ffn)
+    "qwen3moe": Architecture(
+        "qwen3_moe",
+        QWEN3MOE_SETTINGS,
+        QWEN3_NAMES + _experts("model.layers.{i}.", moe.QWEN2_MOE),
+        {"hidden_act": "silu", "norm_topk_prob": True},
     ),
     "phi3": Architecture(
         "phi3",
@@ -335,6 +341,7 @@ WRITTEN_AS = {
     "qwen2": "qwen2",
     "qwen2_moe": "qwen2moe",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
     "phi3": "phi3",
     "gemma": "gemma",
     "gemma2": "gemma2",
