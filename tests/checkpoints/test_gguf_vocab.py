@@ -2,6 +2,7 @@
 where transformers gets it wrong), on the real SmolLM2 file and on small SentencePiece (BPE and unigram)
 files written here."""
 
+import json
 import struct
 import time
 from pathlib import Path
@@ -388,18 +389,20 @@ UNIGRAM_CORPUS = [
     "hello</s>world",
     "</s>",
     "A Ａ",
+    "hello <extra_id_99> world<extra_id_98>",
     "",
 ]
 
 
 def unigram_meta(**changes) -> dict:
-    """llama.cpp's metadata of a T5-style vocabulary: <pad>, </s>, <unk> first, then scored pieces."""
+    """llama.cpp's metadata of a T5-style vocabulary: <pad>, </s>, <unk> first, then scored pieces, then two
+    sentinels as llama.cpp's converter writes them (unused "[PAD<n>]" tokens)."""
     pieces = list(UNIGRAM_PIECES)
     meta = {
         "tokenizer.ggml.model": "t5",
-        "tokenizer.ggml.tokens": ["<pad>", "</s>", "<unk>", *pieces],
-        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, *UNIGRAM_PIECES.values()],
-        "tokenizer.ggml.token_type": [3, 3, 2, *[1] * len(pieces)],
+        "tokenizer.ggml.tokens": ["<pad>", "</s>", "<unk>", *pieces, "[PAD1]", "[PAD2]"],
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, *UNIGRAM_PIECES.values(), -1000.0, -1000.0],
+        "tokenizer.ggml.token_type": [3, 3, 2, *[1] * len(pieces), 5, 5],
         "tokenizer.ggml.eos_token_id": 1,
         "tokenizer.ggml.padding_token_id": 0,
         "tokenizer.ggml.unknown_token_id": 2,
@@ -444,6 +447,7 @@ def test_unigram_pieces_and_decoding(unigram):
     ours, _ = unigram
     ids = ours.encode("  hello   world zebra</s>")  # z, b: unknown
     assert ours.token_strings(ids) == [" hello", " world", " ", "<unk>", "e", "<unk>", "r", "a", "</s>"]
+    assert ours.token_strings(ours.encode("<extra_id_98>")) == ["<extra_id_98>"]  # the second "[PAD<n>]"
     assert ours.decode(ours.encode("the  hello world")) == "the hello world"
 
 
@@ -491,8 +495,7 @@ def test_unigram_that_gguf_cannot_hold_is_refused(unigram):
     from tokenizers import Tokenizer, models, normalizers
 
     ours, _ = unigram
-    meta = unigram_meta()
-    pieces = list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], strict=True))
+    pieces = [tuple(piece) for piece in json.loads(ours.backend.model.__getstate__())["vocab"]]
     changes = {"normalizer": normalizers.Lowercase(), "model": models.Unigram(pieces, 2, byte_fallback=True)}
     for part, value in changes.items():
         backend = Tokenizer.from_str(ours.backend.to_str())

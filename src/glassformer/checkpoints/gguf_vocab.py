@@ -100,6 +100,8 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TextTokenizer:
         )
     tokens = _tokens(_require(meta, KEY + "tokens"))
     types = list(meta.get(KEY + "token_type") or [NORMAL] * len(tokens))
+    if kind == "t5":
+        _name_sentinels(tokens, types)
     backend, add_bos_default = BUILDERS[kind](meta, tokens, types)
     _add_special_tokens(backend, tokens, types)
     spm_defaults = {"bos": 1, "eos": 2} if kind == "llama" else {}
@@ -246,6 +248,15 @@ def _unigram(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tu
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), words])
     backend.decoder = decoders.Metaspace(METASPACE, "always", split=True)
     return backend, False
+
+
+def _name_sentinels(tokens: list[str], types: list[int], count: int = 100) -> None:
+    """T5's sentinels, which llama.cpp's converter writes as "[PAD<n>]" tokens past the SentencePiece vocabulary:
+    the first `count` renamed back (the first is <extra_id_99>, the last <extra_id_0>) and made control tokens,
+    in place, as transformers does."""
+    blanks = [i for i, token in enumerate(tokens) if re.fullmatch(r"\[PAD\d+\]", token)]
+    for offset, i in enumerate(blanks[:count]):
+        tokens[i], types[i] = f"<extra_id_{count - 1 - offset}>", CONTROL
 
 
 def _split(pre: str) -> pre_tokenizers.PreTokenizer:
