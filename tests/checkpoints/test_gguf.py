@@ -158,7 +158,7 @@ def small_hf(family, vocab_size):
         "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
             t.Qwen2MoeConfig(**SMALL, vocab_size=vocab_size, num_experts=4, num_experts_per_tok=2)
         ),
-        # nor Qwen3-MoE's (768): the default it is; llama.cpp renormalises its top-k weights
+        # nor Qwen3-MoE's expert width (768, the default here); llama.cpp always renormalises its top-k weights
         "qwen3-moe": lambda: t.Qwen3MoeForCausalLM(
             t.Qwen3MoeConfig(
                 **SMALL, vocab_size=vocab_size, head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True
@@ -331,11 +331,8 @@ def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, request, family
         assert torch.equal(theirs.pop("unembed.weight"), ours["embed.W_E"] * model.cfg.unembed_scale)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
-    assert (back.cfg.n_layers, back.cfg.n_decoder_layers, back.cfg.act) == (
-        model.cfg.n_layers,
-        model.cfg.n_decoder_layers,
-        model.cfg.act,
-    )
+    same = ("n_layers", "n_decoder_layers", "act", "n_experts", "norm_topk_prob", "relative_buckets", "n_ctx")
+    assert {f: getattr(back.cfg, f) for f in same} == {f: getattr(model.cfg, f) for f in same}
 
 
 @pytest.mark.parametrize(
@@ -344,6 +341,7 @@ def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, request, family
         (dict(relative_max_distance=16), r"relative_attention_max_distance=16 \(it implies 128\)"),
         (dict(act="swiglu"), "act='swiglu': llama.cpp runs a T5 MLP as ReLU or as gated GELU"),
     ],
+    ids=["bucket-distance", "gated-silu"],
 )
 def test_what_llama_cpp_fixes_for_t5_is_refused_before_writing(tmp_path, t5_tokenizer, change, message):
     model = gf.Transformer.from_hf(small_hf("t5-v1.1", t5_tokenizer.vocab_size))
