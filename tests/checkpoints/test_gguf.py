@@ -4,6 +4,7 @@
 so it is an independent check of the tensor names, the Q/K permutation and the config mapping.
 """
 
+import warnings
 
 import gguf
 import numpy as np
@@ -335,6 +336,26 @@ def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, request, family
     assert {f: getattr(back.cfg, f) for f in same} == {f: getattr(model.cfg, f) for f in same}
 
 
+@torch.no_grad()
+def test_a_t5_file_as_llama_cpp_converts_it_means_what_llama_cpp_computes(tmp_path, t5_tokenizer):
+    """llama.cpp's converter writes no vocab_size, no output.weight for a tied head (which llama.cpp then applies
+    unscaled, original T5 or not), and the decoder's cross-attention bias table where a checkpoint has one
+    (neither llama.cpp nor transformers uses it)."""
+    model = gf.Transformer.from_hf(small_hf("t5", t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    unused = np.ones((model.cfg.relative_buckets, model.cfg.n_heads), np.float32)
+    tensors = {"output.weight": None, "dec.blk.0.cross_attn_rel_b.weight": unused}
+    ours = model.to_gguf(tmp_path / "ours.gguf")
+    path = rewrite(ours, tmp_path / "converted.gguf", drop="t5.vocab_size", tensors=tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor of the file is used or known to be redundant
+        back = gf.Transformer.from_gguf(path)
+    assert back.cfg.tie_embeddings and back.cfg.unembed_scale == 1.0 and back.cfg.d_vocab == t5_tokenizer.vocab_size
+    g = torch.Generator().manual_seed(1)
+    src, tgt = (torch.randint(0, t5_tokenizer.vocab_size, shape, generator=g) for shape in ((2, 20), (2, 9)))
+    torch.testing.assert_close(back(src, tgt), model(src, tgt) / model.cfg.unembed_scale, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -425,8 +446,10 @@ def small_file(tmp_path, tokenizer):
     return model.to_gguf(tmp_path / "small.gguf")
 
 
-def rewrite(path, out, change=None, drop=None, types=None):
-    """A copy of a float32 GGUF file with metadata changed or dropped, or tensors given another type id."""
+def rewrite(path, out, change=None, drop=None, types=None, tensors=None):
+    """A copy of a float32 GGUF file with metadata changed or dropped, or tensors given another type id, or
+    replaced, added or dropped (`tensors`: name -> values, None to drop)."""
+    tensors = dict(tensors or {})
     reader = gguf.GGUFReader(path)
     writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
@@ -437,12 +460,17 @@ def rewrite(path, out, change=None, drop=None, types=None):
         writer.add_key_value(name, (change or {}).get(name, field.contents()), vtype, sub_type=sub)
     for t in reader.tensors:
         kind = (types or {}).get(t.name)
+        if t.name in tensors:
+            continue
         if kind is None:
             writer.add_tensor(t.name, np.array(t.data))
         else:  # the same bytes, declared as another type
             block, size = gguf.GGML_QUANT_SIZES[kind]
             rows, cols = int(t.shape[1]), int(t.shape[0])
             writer.add_tensor(t.name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=kind)
+    for name, values in tensors.items():
+        if values is not None:
+            writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
