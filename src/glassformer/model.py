@@ -141,8 +141,9 @@ class Transformer(TextIO, HookedRoot):
         return directory
 
     def to_gguf(self, path: str | Path, dtype: str = "f32") -> Path:
-        """Write this decoder as a GGUF file ("f32", "f16" or "q8_0" weights) that llama.cpp, Ollama
-        and `transformers` open; the tokenizer and chat template go along when the model has one."""
+        """Write this decoder (or T5-shaped encoder-decoder) as a GGUF file ("f32", "f16" or "q8_0" weights)
+        that llama.cpp, Ollama and `transformers` open; the tokenizer and chat template go along when the model
+        has one."""
         return write_gguf(self.cfg, self.state_dict(), self.tokenizer, path, dtype)
 
     def save(self, directory: str | Path) -> Path:

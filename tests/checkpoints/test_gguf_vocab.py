@@ -1,6 +1,9 @@
 """Tokenizers rebuilt from GGUF metadata: the same ids as `transformers`' GGUF tokenizer (and as llama.cpp
-where transformers gets it wrong), on the real SmolLM2 file and on a small SentencePiece file written here."""
+where transformers gets it wrong), on the real SmolLM2 file and on small SentencePiece (BPE and unigram)
+files written here."""
 
+import json
+import struct
 import time
 from pathlib import Path
 
@@ -216,7 +219,7 @@ def test_missing_tokenizer_keys(key):
 
 
 def test_unsupported_tokenizer_model():
-    with pytest.raises(CheckpointError, match=r"'bert'.*supported: \['gpt2', 'llama'\]"):
+    with pytest.raises(CheckpointError, match=r"'bert'.*supported: \['gpt2', 'llama', 't5'\]"):
         tokenizer_from_gguf(tiny_meta(**{"tokenizer.ggml.model": "bert"}))
 
 
@@ -370,3 +373,134 @@ def test_sentencepiece_needs_scores_or_merges():
     meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
     with pytest.raises(CheckpointError, match=r"tokenizer\.ggml\.scores"):
         tokenizer_from_gguf(meta)
+
+
+# SentencePiece unigram ("t5") vocabularies
+
+UNIGRAM_PIECES = {"▁": -2.0, "▁hello": -3.0, "▁world": -3.5, "hello": -4.0, "▁the": -3.0, "▁and": -3.2, "▁A": -5.0}
+UNIGRAM_PIECES |= {c: -6.0 - i / 10 for i, c in enumerate("helowrdtanA")} | {"▁h": -5.0, "ll": -5.5, "lo": -5.5}
+UNIGRAM_CORPUS = [
+    "hello world",
+    "  hello   world  ",
+    "the and hello",
+    "hello\nworld\n\n",
+    "\tthe\t and",
+    "zebra ünï 中 🤖",  # characters the vocabulary lacks: <unk>
+    "hello</s>world",
+    "</s>",
+    "A Ａ",
+    "hello <extra_id_99> world<extra_id_98>",
+    "",
+]
+
+
+def unigram_meta(**changes) -> dict:
+    """llama.cpp's metadata of a T5-style vocabulary: <pad>, </s>, <unk> first, then scored pieces, then two
+    sentinels as llama.cpp's converter writes them (unused "[PAD<n>]" tokens)."""
+    pieces = list(UNIGRAM_PIECES)
+    meta = {
+        "tokenizer.ggml.model": "t5",
+        "tokenizer.ggml.tokens": ["<pad>", "</s>", "<unk>", *pieces, "[PAD1]", "[PAD2]"],
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, *UNIGRAM_PIECES.values(), -1000.0, -1000.0],
+        "tokenizer.ggml.token_type": [3, 3, 2, *[1] * len(pieces), 5, 5],
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.unknown_token_id": 2,
+    }
+    return {k: v for k, v in (meta | changes).items() if v is not None}
+
+
+def write_unigram(path: Path) -> Path:
+    """A t5-architecture GGUF with the toy unigram vocabulary and one tiny F32 tensor."""
+    meta = unigram_meta()
+    writer = gguf.GGUFWriter(path, "t5")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    for key, value in meta.items():
+        if isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            kind = gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+            writer.add_key_value(key, value, kind)
+    writer.add_tensor("token_embd.weight", np.zeros((len(meta["tokenizer.ggml.tokens"]), 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def unigram(tmp_path_factory):
+    return open_both(write_unigram(tmp_path_factory.mktemp("unigram") / "toy.gguf"))
+
+
+@pytest.mark.parametrize("text", UNIGRAM_CORPUS)
+def test_unigram_ids_match_transformers(unigram, text):
+    ours, theirs = unigram
+    assert not ours.add_bos_token and (ours.eos_token_id, ours.pad_token_id) == (1, 0)
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+
+
+def test_unigram_pieces_and_decoding(unigram):
+    ours, _ = unigram
+    ids = ours.encode("  hello   world zebra</s>")  # z, b: unknown
+    assert ours.token_strings(ids) == [" hello", " world", " ", "<unk>", "e", "<unk>", "r", "a", "</s>"]
+    assert ours.token_strings(ours.encode("<extra_id_98>")) == ["<extra_id_98>"]  # the second "[PAD<n>]"
+    assert ours.decode(ours.encode("the  hello world")) == "the hello world"
+
+
+def test_unigram_round_trips_through_metadata(unigram):
+    ours, _ = unigram
+    meta = tokenizer_metadata(ours)
+    assert meta["tokenizer.ggml.model"] == "t5" and meta["tokenizer.ggml.unknown_token_id"] == 2
+    assert meta["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1] and "tokenizer.ggml.merges" not in meta
+    back = tokenizer_from_gguf(meta)
+    for text in UNIGRAM_CORPUS:
+        assert back.encode(text) == ours.encode(text), text
+
+
+def charsmap(source: str, target: str) -> bytes:
+    """SentencePiece's precompiled normalization table (a darts-clone double array, then the strings it points
+    into) mapping one string to another: each node's children sit at its offset XOR their byte."""
+    key = source.encode()
+    nodes = [256 * (k + 1) for k in range(len(key) + 1)]  # apart by more than a byte: no two units collide
+    units = [0] * (nodes[-1] + 1)
+    units[0] = nodes[0] << 10  # the root: its children's offset
+    for k, byte in enumerate(key):
+        at = nodes[k] ^ byte  # the unit labelled `byte`, with the offset of its own child; the last has a leaf
+        units[at] = ((at ^ nodes[k + 1]) << 10) | (int(k == len(key) - 1) << 8) | byte
+    units[nodes[-1]] = 1 << 31  # the leaf: target's offset (0) in the strings
+    trie = struct.pack(f"<{len(units)}I", *units)
+    return struct.pack("<I", len(trie)) + trie + target.encode() + b"\0"
+
+
+def test_unigram_charsmap_is_written_and_applied(unigram):
+    """llama.cpp normalizes a t5 vocabulary's text with the file's charsmap (NFKC for T5); transformers skips it."""
+    from tokenizers import Regex, Tokenizer, normalizers
+
+    ours, _ = unigram
+    table = charsmap("Ａ", "A")
+    backend = Tokenizer.from_str(ours.backend.to_str())
+    collapse = normalizers.Replace(Regex(" {2,}"), " ")  # Hugging Face's T5 tokenizers normalize so
+    backend.normalizer = normalizers.Sequence([normalizers.Precompiled(table), collapse])
+    meta = tokenizer_metadata(type(ours)(backend, eos_token_id=1))
+    assert bytes(meta["tokenizer.ggml.precompiled_charsmap"]) == table
+    back = tokenizer_from_gguf(meta)
+    assert back.encode("Ａ A") == back.encode("A A") == ours.encode("A A") != ours.encode("Ａ A")
+
+
+def test_unigram_that_gguf_cannot_hold_is_refused(unigram):
+    from tokenizers import Tokenizer, models, normalizers
+
+    ours, _ = unigram
+    pieces = [tuple(piece) for piece in json.loads(ours.backend.model.__getstate__())["vocab"]]
+    changes = {"normalizer": normalizers.Lowercase(), "model": models.Unigram(pieces, 2, byte_fallback=True)}
+    for part, value in changes.items():
+        backend = Tokenizer.from_str(ours.backend.to_str())
+        setattr(backend, part, value)
+        with pytest.raises(CheckpointError, match="GGUF cannot hold this Unigram tokenizer's normalizer|byte fallback"):
+            tokenizer_metadata(type(ours)(backend))
+    with pytest.raises(CheckpointError, match="add_space_prefix is false"):
+        tokenizer_from_gguf(unigram_meta(**{"tokenizer.ggml.add_space_prefix": False}))

@@ -11,6 +11,8 @@ llama.cpp stores the Q and K rows of Llama-architecture models permuted for its 
 It stacks a mixture's experts into one `(n_experts, …)` tensor per projection (`ffn_gate_exps`), where
 Hugging Face checkpoints hold one tensor per expert: a row whose Hugging Face name has `{e}` is that
 stack, split on reading and stacked on writing. Mixtral is the `llama` architecture with experts.
+T5 is `t5`: an encoder stack (`enc.blk.N.…`) and a decoder stack (`dec.blk.N.…`), its table laid out by
+the config (gated MLP or not, the two depths).
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ class Architecture:
 
     model_type: str  # the transformers model_type whose family module converts it
     settings: dict[str, str]  # GGUF key (after "<arch>.") -> Hugging Face config field
-    names: Names  # tensor names, both ways
+    names: Names | Callable[[dict[str, Any]], Names]  # tensor names, both ways; or every layer's, by the HF config
     defaults: dict[str, Any] = field(default_factory=dict)  # HF config fields GGUF leaves implicit
     permuted_qk: bool = False  # llama.cpp's interleaved-rotary row order for Q and K
     extra: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None  # derived fields
     norm_shift: float = 0.0  # GGUF norm gains = Hugging Face ones + this (Gemma stores 1 + w)
     writable: Callable[[Config], str | None] | None = None  # why a config does not fit the format, if it does not
+    stored: Callable[[set[str]], dict[str, Any]] | None = None  # HF config fields the file's tensor names tell
 
 
 LLAMA_SETTINGS = {
@@ -91,13 +94,13 @@ LLAMA_SETTINGS = {
     "expert_count": "num_local_experts",  # Mixtral
     "expert_used_count": "num_experts_per_tok",
 }
-QWEN2MOE_SETTINGS = {
+QWEN3MOE_SETTINGS = {
     **{k: v for k, v in LLAMA_SETTINGS.items() if not k.startswith("expert_")},
     "expert_count": "num_experts",
     "expert_used_count": "num_experts_per_tok",
     "expert_feed_forward_length": "moe_intermediate_size",
-    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
+QWEN2MOE_SETTINGS = {**QWEN3MOE_SETTINGS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 GPT2_NAMES = [
     ("token_embd.weight", "transformer.wte.weight", False),
     ("position_embd.weight", "transformer.wpe.weight", False),
@@ -185,6 +188,7 @@ QWEN2MOE_NAMES = [
     ),
 ]
 QK_NORM_ROWS = [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")]
+QWEN3_NAMES = _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS)
 # Gemma 2/3 and OLMo 2 norm their cells' outputs (and Gemma 2/3's ffn_norm is the norm before the MLP).
 POST_NORM_ROWS = [("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")]
 SANDWICH_ROWS = [*_replace(LLAMA_ROWS, ffn_norm="pre_feedforward_layernorm"), *POST_NORM_ROWS]
@@ -220,6 +224,67 @@ def _llama_experts(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any
     return {"model_type": "mixtral", "norm_topk_prob": True} if hf.get("num_local_experts") else {}
 
 
+T5_SETTINGS = {
+    "context_length": "n_positions",
+    "embedding_length": "d_model",
+    "feed_forward_length": "d_ff",
+    "block_count": "num_layers",
+    "decoder_block_count": "num_decoder_layers",
+    "attention.head_count": "num_heads",
+    "attention.key_length": "d_kv",
+    "attention.layer_norm_epsilon": "layer_norm_epsilon",  # the key transformers reads
+    "attention.layer_norm_rms_epsilon": "layer_norm_epsilon",  # the key llama.cpp reads
+    "attention.relative_buckets_count": "relative_attention_num_buckets",
+    "decoder_start_token_id": "decoder_start_token_id",
+    "vocab_size": "vocab_size",
+}
+T5_ATTENTION = [("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v"), ("attn_o", "o")]
+
+
+def _t5_stack(ours: str, theirs: str, n_layers: int, cross: bool, gated: bool) -> Names:
+    """One T5 stack's layers: self-attention (`layer.0`), cross-attention (`layer.1`, decoder), the MLP
+    last (`wi_0` the gate and `wi_1` the linear branch when gated, `wi` otherwise)."""
+    rows = [("attn_norm", "layer.0.layer_norm"), *((o, f"layer.0.SelfAttention.{t}") for o, t in T5_ATTENTION)]
+    if cross:
+        rows += [("cross_attn_norm", "layer.1.layer_norm")]
+        rows += [(f"cross_{o}", f"layer.1.EncDecAttention.{t}") for o, t in T5_ATTENTION]
+    ff = "layer.2" if cross else "layer.1"
+    dense = f"{ff}.DenseReluDense"
+    rows += [("ffn_norm", f"{ff}.layer_norm"), ("ffn_down", f"{dense}.wo")]
+    rows += [("ffn_gate", f"{dense}.wi_0"), ("ffn_up", f"{dense}.wi_1")] if gated else [("ffn_up", f"{dense}.wi")]
+    layers = [(f"{ours}.blk.{i}.", f"{theirs}.block.{i}.") for i in range(n_layers)]
+    return [(f"{o_layer}{o}.weight", f"{t_layer}{t}.weight", False) for o_layer, t_layer in layers for o, t in rows]
+
+
+def _t5_names(hf: dict[str, Any]) -> Names:
+    """T5's tensors: the position bias tables in layer 0 of each stack, a final norm on each."""
+    bias = "relative_attention_bias.weight"
+    gated = hf["feed_forward_proj"].startswith("gated-")
+    return [
+        ("token_embd.weight", "shared.weight", False),
+        ("output.weight", "lm_head.weight", False),
+        ("enc.output_norm.weight", "encoder.final_layer_norm.weight", False),
+        ("dec.output_norm.weight", "decoder.final_layer_norm.weight", False),
+        ("enc.blk.0.attn_rel_b.weight", f"encoder.block.0.layer.0.SelfAttention.{bias}", False),
+        ("dec.blk.0.attn_rel_b.weight", f"decoder.block.0.layer.0.SelfAttention.{bias}", False),
+        ("dec.blk.0.cross_attn_rel_b.weight", f"decoder.block.0.layer.1.EncDecAttention.{bias}", False),  # unused
+        *_t5_stack("enc", "encoder", hf["num_layers"], cross=False, gated=gated),
+        *_t5_stack("dec", "decoder", hf.get("num_decoder_layers") or hf["num_layers"], cross=True, gated=gated),
+    ]
+
+
+def _t5_feed_forward(stored: set[str]) -> dict[str, Any]:
+    """llama.cpp runs a T5 MLP with ffn_gate as gated GELU (tanh), one without as ReLU."""
+    return {"feed_forward_proj": "gated-gelu" if "enc.blk.0.ffn_gate.weight" in stored else "relu"}
+
+
+def _t5_fits(cfg: Config) -> str | None:
+    """The MLPs llama.cpp's t5 runs."""
+    if cfg.act not in ("relu", "geglu"):
+        return f"act={cfg.act!r}: llama.cpp runs a T5 MLP as ReLU or as gated GELU (geglu) only"
+    return None
+
+
 GEMMA = {"hidden_activation": "gelu_pytorch_tanh"}
 GEMMA2_SETTINGS = {
     **LLAMA_SETTINGS,
@@ -244,8 +309,13 @@ ARCHITECTURES = {
         {"hidden_act": "silu", "norm_topk_prob": False, "qkv_bias": True},
     ),
     "qwen2": Architecture("qwen2", LLAMA_SETTINGS, LLAMA_NAMES, {"hidden_act": "silu"}),
-    "qwen3": Architecture(
-        "qwen3", LLAMA_SETTINGS, _rotary_layers("model.layers.{i}.", LLAMA_ROWS + QK_NORM_ROWS), {"hidden_act": "silu"}
+    "qwen3": Architecture("qwen3", LLAMA_SETTINGS, QWEN3_NAMES, {"hidden_act": "silu"}),
+    # llama.cpp's qwen3moe always renormalises the top-k weights (qwen3moe.cpp's build_moe_ffn)
+    "qwen3moe": Architecture(
+        "qwen3_moe",
+        QWEN3MOE_SETTINGS,
+        QWEN3_NAMES + _experts("model.layers.{i}.", moe.QWEN2_MOE),
+        {"hidden_act": "silu", "norm_topk_prob": True},
     ),
     "phi3": Architecture(
         "phi3",
@@ -295,6 +365,16 @@ ARCHITECTURES = {
         ),
         {"hidden_act": "silu"},
     ),
+    # llama.cpp applies no output scale (original T5's d_model**-0.5 is folded into output.weight on
+    # writing) and fixes the buckets' max distance at 128
+    "t5": Architecture(
+        "t5",
+        T5_SETTINGS,
+        _t5_names,
+        {"scale_decoder_outputs": False, "relative_attention_max_distance": 128},
+        writable=_t5_fits,
+        stored=_t5_feed_forward,
+    ),
     "gpt2": Architecture(
         "gpt2",
         {
@@ -335,6 +415,7 @@ WRITTEN_AS = {
     "qwen2": "qwen2",
     "qwen2_moe": "qwen2moe",
     "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
     "phi3": "phi3",
     "gemma": "gemma",
     "gemma2": "gemma2",
@@ -342,6 +423,7 @@ WRITTEN_AS = {
     "olmo2": "olmo2",
     "gpt2": "gpt2",
     "gpt_neox": "gptneox",
+    "t5": "t5",
 }
 
 
@@ -410,6 +492,8 @@ def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, stored: 
         hf["vocab_size"] = len(meta["tokenizer.ggml.tokens"])
     hf["tie_word_embeddings"] = "output.weight" not in stored
     hf["attention_bias"] = "blk.0.attn_output.bias" in stored
+    if arch.stored is not None:
+        hf |= arch.stored(stored)
     if arch.extra is not None:
         hf |= arch.extra(meta, hf)
     return hf
@@ -417,6 +501,8 @@ def hf_settings(meta: Mapping[str, Any], arch: Architecture, name: str, stored: 
 
 def tensor_names(arch: Architecture, hf: dict[str, Any]) -> Names:
     """The table's rows for every layer of a model with Hugging Face config `hf`."""
+    if callable(arch.names):
+        return arch.names(hf)
     layers = int(hf.get("num_hidden_layers", hf.get("n_layer", 0)))
     return [
         (ours.format(i=i), theirs.format(i=i, e="{e}"), transposed)
@@ -522,8 +608,8 @@ FILE_TYPES = {
 def write_gguf(
     cfg: Config, state: dict[str, Tensor], tokenizer: TextTokenizer | None, path: str | Path, dtype: str = "f32"
 ) -> Path:
-    """Write a decoder and its tokenizer as a GGUF file (atomically), in the first architecture that
-    can hold it; `dtype` "f32", "f16" or "q8_0" for the weight matrices (norms stay f32)."""
+    """Write a decoder (or a T5 encoder-decoder) and its tokenizer as a GGUF file (atomically), in the
+    first architecture that can hold it; `dtype` "f32", "f16" or "q8_0" for the weight matrices (norms stay f32)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(map(repr, DTYPES))}")
     if tokenizer is None:
@@ -532,7 +618,10 @@ def write_gguf(
             "Ollama: set model.tokenizer (a glassformer.tokenizer.TextTokenizer) first"
         )
     vocabulary = tokenizer_metadata(tokenizer)  # before anything is written: it raises on a vocabulary GGUF lacks
-    hf, tensors = export(cfg, {k: v.detach().float().cpu() for k, v in state.items()})
+    state = {k: v.detach().float().cpu() for k, v in state.items()}
+    hf, tensors = export(cfg, state)
+    if cfg.unembed_scale != 1.0:  # llama.cpp scales no output: the scale goes into a head of the file's own
+        tensors["lm_head.weight"] = state["embed.W_E" if cfg.tie_embeddings else "unembed.weight"] * cfg.unembed_scale
     if hf["model_type"] not in WRITTEN_AS:
         raise CheckpointError(f"a {hf['model_type']} model has no GGUF table here ({', '.join(WRITTEN_AS)} do)")
     architecture = WRITTEN_AS[hf["model_type"]]

@@ -2,19 +2,20 @@
 
 A GGUF carries no `tokenizer.json`: its vocabulary, merges, token types and special ids are metadata
 under llama.cpp's key names. `tokenizer_from_gguf` turns them into the tokenizer llama.cpp runs:
-byte-level BPE split the way `tokenizer.ggml.pre` says ("gpt2"), or SentencePiece-style BPE with byte
-fallback ("llama").
+byte-level BPE split the way `tokenizer.ggml.pre` says ("gpt2"), SentencePiece-style BPE with byte
+fallback ("llama"), or a SentencePiece unigram vocabulary with scores ("t5").
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from glassformer.errors import CheckpointError
 from glassformer.tokenizer import TextTokenizer, vocabulary_spelling
@@ -99,6 +100,8 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TextTokenizer:
         )
     tokens = _tokens(_require(meta, KEY + "tokens"))
     types = list(meta.get(KEY + "token_type") or [NORMAL] * len(tokens))
+    if kind == "t5":
+        _name_sentinels(tokens, types)
     backend, add_bos_default = BUILDERS[kind](meta, tokens, types)
     _add_special_tokens(backend, tokens, types)
     spm_defaults = {"bos": 1, "eos": 2} if kind == "llama" else {}
@@ -116,31 +119,64 @@ def tokenizer_from_gguf(meta: Mapping[str, Any]) -> TextTokenizer:
 
 def tokenizer_metadata(tokenizer: TextTokenizer) -> dict[str, Any]:
     """The GGUF metadata that describes `tokenizer` (what `tokenizer_from_gguf` reads back): a byte-level BPE
-    as "gpt2", a SentencePiece-style BPE as "llama". Other tokenizers are a CheckpointError."""
+    as "gpt2", a SentencePiece-style BPE as "llama", a SentencePiece unigram as "t5". Other tokenizers are a
+    CheckpointError."""
     backend = tokenizer.backend
     model = json.loads(backend.model.__getstate__())
-    if model.get("type") != "BPE":
-        raise CheckpointError(f"a {model.get('type')} tokenizer cannot be written to GGUF; only BPE ones can")
+    if model.get("type") not in ("BPE", "Unigram"):
+        raise CheckpointError(f"a {model.get('type')} tokenizer cannot be written to GGUF; BPE and Unigram ones can")
     tokens = [backend.id_to_token(i) for i in range(tokenizer.vocab_size)]
     if None in tokens:
         raise CheckpointError(f"token id {tokens.index(None)} has no token: GGUF needs ids without gaps")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     meta: dict[str, Any] = {KEY + "tokens": tokens, KEY + "token_type": _token_types(backend, tokens)}
-    meta[KEY + "merges"] = merges
-    spelling = vocabulary_spelling(backend)
-    if spelling == "byte-level":
-        meta |= {KEY + "model": "gpt2", KEY + "pre": _pre_name(backend)}
-    elif spelling == "metaspace":
-        meta |= {KEY + "model": "llama", KEY + "add_space_prefix": _adds_space_prefix(backend)}
-        meta[KEY + "scores"] = _scores(tokens, merges)
-    else:
-        raise CheckpointError("only byte-level and SentencePiece-style tokenizers can be written to GGUF")
+    written = _bpe_metadata if model["type"] == "BPE" else _unigram_metadata
+    meta |= written(backend, model, tokens)
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "padding": tokenizer.pad_token_id}
     meta |= {f"{KEY}{name}_token_id": i for name, i in ids.items() if i is not None}
     meta[KEY + "add_bos_token"] = tokenizer.add_bos_token
     if tokenizer.chat_template is not None:
         meta["tokenizer.chat_template"] = tokenizer.chat_template
     return meta
+
+
+def _bpe_metadata(backend: Tokenizer, model: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """A BPE vocabulary's merges, and how it spells text: byte-level ("gpt2") or SentencePiece-style ("llama")."""
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    spelling = vocabulary_spelling(backend)
+    if spelling == "byte-level":
+        return {KEY + "merges": merges, KEY + "model": "gpt2", KEY + "pre": _pre_name(backend)}
+    if spelling == "metaspace":
+        meta = {KEY + "model": "llama", KEY + "add_space_prefix": _adds_space_prefix(backend)}
+        return meta | {KEY + "merges": merges, KEY + "scores": _scores(tokens, merges)}
+    raise CheckpointError("only byte-level and SentencePiece-style tokenizers can be written to GGUF")
+
+
+def _unigram_metadata(backend: Tokenizer, model: dict[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """A SentencePiece unigram vocabulary as llama.cpp's "t5" tokenizer: each token's score (0 for tokens added
+    beyond the model's vocabulary, as transformers scores T5's sentinels), its unknown id, its charsmap."""
+    if model.get("byte_fallback"):
+        raise CheckpointError("a Unigram tokenizer with byte fallback cannot be written to GGUF (llama.cpp's has none)")
+    if not _adds_space_prefix(backend):
+        raise CheckpointError("a Unigram tokenizer that puts no \u2581 before the text cannot be written to GGUF")
+    scores = [score for _, score in model["vocab"]]
+    meta = {KEY + "model": "t5", KEY + "scores": scores + [0.0] * (len(tokens) - len(scores))}
+    meta |= {KEY + "add_space_prefix": True, KEY + "remove_extra_whitespaces": True}  # as the reading rebuilds it
+    if model.get("unk_id") is not None:
+        meta[KEY + "unknown_token_id"] = model["unk_id"]
+    charsmap = _precompiled_charsmap(backend)
+    return meta | ({KEY + "precompiled_charsmap": charsmap} if charsmap else {})
+
+
+def _precompiled_charsmap(backend: Tokenizer) -> list[int] | None:
+    """The bytes of SentencePiece's normalization table, when `backend` normalizes with one and nothing else
+    GGUF could not say (collapsing spaces, as Hugging Face's T5 tokenizers do, is llama.cpp's default)."""
+    state = json.loads(backend.normalizer.__getstate__()) if backend.normalizer else {}
+    steps = state.get("normalizers", [state] if state else [])
+    tables = [step for step in steps if step["type"] == "Precompiled"]
+    collapse = {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}
+    if any(step["type"] != "Precompiled" and step != collapse for step in steps) or len(tables) > 1:
+        raise CheckpointError(f"GGUF cannot hold this Unigram tokenizer's normalizer: {json.dumps(state)[:200]}")
+    return list(base64.b64decode(tables[0]["precompiled_charsmap"])) if tables else None
 
 
 def _token_types(backend: Tokenizer, tokens: list[str]) -> list[int]:
@@ -196,6 +232,33 @@ def _sentencepiece(meta: Mapping[str, Any], tokens: list[str], types: list[int])
     return backend, True
 
 
+def _unigram(meta: Mapping[str, Any], tokens: list[str], types: list[int]) -> tuple[Tokenizer, bool]:
+    """SentencePiece unigram (llama.cpp's "t5"), built as transformers builds it from a GGUF file: the pieces with
+    their scores, words split at whitespace (runs of it count as one) and each given a "▁" first; normalized
+    first by the file's SentencePiece charsmap (llama.cpp applies it, transformers does not), where it has one."""
+    if not meta.get(KEY + "add_space_prefix", True):
+        raise CheckpointError(f"{KEY}add_space_prefix is false: glassformer reads only t5 tokenizers that prefix")
+    scores = _require(meta, KEY + "scores")
+    vocab = list(zip(tokens, scores, strict=True))
+    backend = Tokenizer(models.Unigram(vocab, unk_id=_special_id(meta, "unknown", len(tokens), None)))
+    charsmap = meta.get(KEY + "precompiled_charsmap")
+    if charsmap:
+        backend.normalizer = normalizers.Precompiled(bytes(charsmap))
+    words = pre_tokenizers.Metaspace(METASPACE, "always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), words])
+    backend.decoder = decoders.Metaspace(METASPACE, "always", split=True)
+    return backend, False
+
+
+def _name_sentinels(tokens: list[str], types: list[int], count: int = 100) -> None:
+    """T5's sentinels, which llama.cpp's converter writes as "[PAD<n>]" tokens past the SentencePiece vocabulary:
+    the first `count` renamed back (the first is <extra_id_99>, the last <extra_id_0>) and made control tokens,
+    in place, as transformers does."""
+    blanks = [i for i, token in enumerate(tokens) if re.fullmatch(r"\[PAD\d+\]", token)]
+    for offset, i in enumerate(blanks[:count]):
+        tokens[i], types[i] = f"<extra_id_{count - 1 - offset}>", CONTROL
+
+
 def _split(pre: str) -> pre_tokenizers.PreTokenizer:
     """llama.cpp's regexes for `pre`, one after the other, then bytes spelled in GPT-2's alphabet."""
     splits = [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in PRE_SPLITS[pre]]
@@ -233,6 +296,7 @@ def _scores(tokens: list[str], merges: list[str]) -> list[float]:
 BUILDERS: dict[str, Callable[[Mapping[str, Any], list[str], list[int]], tuple[Tokenizer, bool]]] = {
     "gpt2": _byte_level,
     "llama": _sentencepiece,
+    "t5": _unigram,
 }
 
 
