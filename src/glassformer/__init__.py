@@ -2,7 +2,8 @@
 
 from glassformer import parallel  # gf.parallel.shard / load_sharded / init
 from glassformer.config import Config
-from glassformer.errors import CheckpointError, GlassformerError, HookError, InputError
+from glassformer.errors import CheckpointError, CircuitError, GlassformerError, HookError, InputError
+from glassformer.factored import FactoredMatrix
 from glassformer.hooks import ActivationCache, HookPoint
 from glassformer.inspect.trace import Trace, trace
 from glassformer.memory import keep_freed_memory
@@ -11,7 +12,9 @@ from glassformer.model import Transformer
 __all__ = [
     "ActivationCache",
     "CheckpointError",
+    "CircuitError",
     "Config",
+    "FactoredMatrix",
     "GlassformerError",
     "HookError",
     "HookPoint",

@@ -15,3 +15,9 @@ class InputError(GlassformerError, ValueError):
 
 class CheckpointError(GlassformerError, ValueError):
     """A checkpoint that cannot be read, or that does not match its config."""
+
+
+class CircuitError(GlassformerError, ValueError):
+    """Weights that cannot be read as the circuit asked for: factored matrices whose inner sizes
+    differ, an eigen-decomposition of a non-square product, one stack's QK/OV asked of an
+    encoder-decoder model."""
