@@ -823,3 +823,67 @@ def test_init_zeroes_every_bias_and_sets_unit_gains(name):
     assert not nonzero, f"biases not zero after init: {sorted(set(nonzero))}"
     assert torch.equal(model.unembed.b_U, torch.zeros(cfg.d_vocab))
     assert 0 < float(model.embed.W_E.detach().std()) < 3 * cfg.init_std
+
+
+# ----------------------------------------------------------------------------------------------
+# QK and OV circuits (factored W_Q W_K^T and W_V W_O per head)
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_circuits(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_heads, d_model, d_model) QK and OV from the stored matrices, not the W_* views: head h's
+    rows of the fused qkv weight, its key/value head h // group, its columns of o_weight."""
+    n_heads, n_kv, d_head = attn.n_heads, attn.n_kv_heads, attn.d_head
+    q_size, kv_size, group = n_heads * d_head, n_kv * d_head, n_heads // n_kv
+    w = attn.qkv_weight.detach()  # (q_size + 2 kv_size, d_model)
+    qk, ov = [], []
+    for h in range(n_heads):
+        kv = h // group
+        q_rows = w[h * d_head : (h + 1) * d_head]  # (d_head, d_model)
+        k_rows = w[q_size + kv * d_head : q_size + (kv + 1) * d_head]
+        v_rows = w[q_size + kv_size + kv * d_head : q_size + kv_size + (kv + 1) * d_head]
+        o_cols = attn.o_weight.detach()[:, h * d_head : (h + 1) * d_head]  # (d_model, d_head)
+        qk.append(q_rows.T @ k_rows)
+        ov.append(v_rows.T @ o_cols.T)
+    return torch.stack(qk), torch.stack(ov)
+
+
+@pytest.mark.parametrize("name", ["decoder-gpt2", "decoder-llama-gqa", "decoder-mqa-partial-rotary", "encoder-bert"])
+def test_QK_and_OV_are_the_per_head_products_of_the_stored_weights(name):
+    model = randomize(make_model(make_cfg(**ZOO[name])), seed=1)
+    qk, ov = model.QK, model.OV
+    shape = (BASE["n_layers"], BASE["n_heads"], BASE["d_model"], BASE["d_model"])
+    assert isinstance(qk, gf.FactoredMatrix) and qk.shape == shape and ov.shape == shape
+    for layer, block in enumerate(model.blocks):
+        dense_qk, dense_ov = dense_circuits(block.attn)
+        torch.testing.assert_close(qk.AB[layer], dense_qk)
+        torch.testing.assert_close(ov.AB[layer], dense_ov)
+        torch.testing.assert_close(block.attn.QK.AB, dense_qk)
+        torch.testing.assert_close(model.OV[layer, 3].AB, dense_ov[3])
+
+
+def test_QK_gives_the_scores_and_OV_the_head_outputs():
+    """Without biases or rotary: scores = x QK x^T · scale (x: ln1's output), result_h = pattern_h x OV_h."""
+    model = randomize(make_model(make_cfg(bias=False, positional="learned")), seed=2)
+    tokens = torch.randint(0, BASE["d_vocab"], (BATCH, SRC_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        x = cache["blocks.1.ln1.hook_normalized"]  # (batch, pos, d_model)
+        scores = torch.einsum("bpm,hmn,bkn->bhpk", x, model.QK.AB[1], x) * model.blocks[1].attn.scale
+        written = torch.einsum("bhpk,bkm,hmn->bphn", cache["blocks.1.attn.hook_pattern"], x, model.OV.AB[1])
+    causal = torch.ones(SRC_LEN, SRC_LEN, dtype=torch.bool).tril()
+    torch.testing.assert_close(cache["blocks.1.attn.hook_attn_scores"][..., causal], scores[..., causal])
+    torch.testing.assert_close(cache["blocks.1.attn.hook_result"], written)
+
+
+def test_encoder_decoder_circuits_are_asked_of_one_stack():
+    model = make_model(make_cfg(**ZOO["encdec-gqa-swiglu"]))
+    with pytest.raises(gf.CircuitError, match=r"model\.encoder\.QK or model\.decoder\.QK"):
+        _ = model.QK
+    with pytest.raises(gf.CircuitError, match="cross_attn.OV"):
+        _ = model.OV
+    d = BASE["d_model"]
+    assert model.encoder.QK.shape == (BASE["n_layers"], BASE["n_heads"], d, d)
+    assert model.decoder.OV.shape == (1, BASE["n_heads"], d, d)
+    cross = model.decoder.blocks[0].cross_attn
+    torch.testing.assert_close(cross.QK.AB, dense_circuits(cross)[0])

@@ -26,7 +26,8 @@ from glassformer.checkpoints.gguf import read_gguf, write_gguf
 from glassformer.checkpoints.hf import read_hf, to_hf
 from glassformer.checkpoints.native import check_state, read, write
 from glassformer.config import Config
-from glassformer.errors import InputError
+from glassformer.errors import CircuitError, InputError
+from glassformer.factored import FactoredMatrix
 from glassformer.generate import generate, stream
 from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
@@ -74,7 +75,34 @@ def rotary_cells(cfg: Config) -> dict[str, Rotary] | None:
     return {"full": full, "sliding": local}
 
 
-class Stack(nn.Module):
+class Circuits:
+    """`QK` and `OV` of every self-attention head of a stack, as TransformerLens' `model.QK`/`model.OV`."""
+
+    def _circuit_blocks(self, name: str) -> nn.ModuleList:
+        """The blocks whose self-attention `name` ("QK" or "OV") stacks."""
+        return self.blocks
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """W_Q W_K^T of every self-attention head (n_layers, n_heads, d_model, d_model), factored:
+        `QK[3, 5]` is layer 3's head 5. Biases, the score scale, q/k norms and rotary positions are
+        left out (see `Attention.QK`)."""
+        return stacked_circuit(self._circuit_blocks("QK"), "QK")
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """W_V W_O of every self-attention head (n_layers, n_heads, d_model, d_model), factored:
+        `OV[3, 5]` is layer 3's head 5. Biases are left out (see `Attention.OV`)."""
+        return stacked_circuit(self._circuit_blocks("OV"), "OV")
+
+
+def stacked_circuit(blocks: nn.ModuleList, name: str) -> FactoredMatrix:
+    """Each block's self-attention `name` ("QK" or "OV"), stacked: (n_layers, n_heads, d_model, d_model)."""
+    circuits = [getattr(block.attn, name) for block in blocks]
+    return FactoredMatrix(torch.stack([c.A for c in circuits]), torch.stack([c.B for c in circuits]))
+
+
+class Stack(Circuits, nn.Module):
     """The encoder or the decoder of an encoder-decoder model."""
 
     def __init__(
@@ -84,7 +112,7 @@ class Stack(nn.Module):
         add_stack(self, cfg, n_layers, causal, cross, rotary)
 
 
-class Transformer(TextIO, HookedRoot):
+class Transformer(Circuits, TextIO, HookedRoot):
     """A transformer built from a `Config`; every intermediate is a named hook point."""
 
     def __init__(self, cfg: Config, seed: int | None = None) -> None:
@@ -104,6 +132,15 @@ class Transformer(TextIO, HookedRoot):
         self.tokenizer: TextTokenizer | None = None  # text in and out, when the checkpoint has one
         init_weights(self, seed)
         self.setup_hooks()
+
+    def _circuit_blocks(self, name: str) -> nn.ModuleList:
+        """This model's blocks; an encoder-decoder model has two stacks, so it names them instead."""
+        if self.cfg.arch == "encoder-decoder":
+            raise CircuitError(
+                f"an encoder-decoder model has two stacks: ask model.encoder.{name} or model.decoder.{name} "
+                f"(self-attention), or model.decoder.blocks[i].cross_attn.{name} (cross-attention, one layer)"
+            )
+        return self.blocks
 
     @classmethod
     def from_state(

@@ -22,6 +22,7 @@ from glassformer.cells.norm import Norm
 from glassformer.cells.position import Rotary
 from glassformer.cells.views import WeightView
 from glassformer.config import Config
+from glassformer.factored import FactoredMatrix
 from glassformer.hooks import HookPoint
 from glassformer.kv_cache import LayerKV
 from glassformer.linear import linear
@@ -160,6 +161,26 @@ class Attention(nn.Module):
     def W_O(self) -> Tensor:
         """(n_heads, d_head, d_model)"""
         return self.o_weight.view(-1, self.n_heads, self.d_head).permute(1, 2, 0)
+
+    def _per_query_head(self, w: Tensor) -> Tensor:
+        """A key or value weight (n_kv_heads, ...) repeated for the query heads each one serves (n_heads, ...)."""
+        group = self.n_heads // self.n_kv_heads
+        return w if group == 1 else w.repeat_interleave(group, dim=0)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """Each head's bilinear form on the residual stream, W_Q W_K^T (n_heads, d_model, d_model),
+        factored: scores = x_q QK x_k^T before scaling, with biases, q/k norms and rotary positions left
+        out (with rotary, the true form also depends on the distance between query and key).
+        Grouped-query key heads are repeated for the query heads they serve."""
+        return FactoredMatrix(self.W_Q, self._per_query_head(self.W_K).mT)
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """What each head writes for what it reads, W_V W_O (n_heads, d_model, d_model), factored:
+        a head's output is pattern-weighted x OV (biases left out). Grouped-query value heads are
+        repeated for the query heads they serve."""
+        return FactoredMatrix(self._per_query_head(self.W_V), self.W_O)
 
     def project(self, x: Tensor, kv_input: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Cell 3: q from x; k and v from x (self-attention) or from kv_input (cross-attention)."""
