@@ -204,3 +204,29 @@ def test_svd_reconstructs_any_product(lead, m, k, n, seed):
     close(U @ torch.diag_embed(S) @ V.mT, A @ B)
     close(S, torch.linalg.svdvals(A @ B)[..., : min(m, k, n)])
     close(fm.norm(), torch.linalg.matrix_norm(A @ B))
+
+
+def test_same_answers_as_transformer_lens():
+    """TransformerLens' FactoredMatrix on the same factors: products, indexing, singular values,
+    eigenvalues, and the collapsed forms up to the sign of each singular vector."""
+    tl = pytest.importorskip("transformer_lens")
+    A, B = factors((2, 3), 6, 3, 6, seed=12)
+    ours, theirs = FactoredMatrix(A, B), tl.FactoredMatrix(A, B)
+    extra = torch.randn(6, 4, generator=torch.Generator().manual_seed(13), dtype=A.dtype)
+    for index in [(1,), (1, 2), (0, -1, 4), (1, 2, 1, 3), (slice(None), 1)]:
+        close(ours[index].AB, theirs[index].AB)
+    close((ours @ extra).AB, (theirs @ extra).AB)
+    close((extra.mT @ ours).AB, (extra.mT @ theirs).AB)
+    close(ours.T.AB, theirs.T.AB)
+    close(ours.S, theirs.S)
+    close(ours.norm(), theirs.norm())
+    close(ours.get_corner(2), theirs.get_corner(2))
+    close(ours.collapse_l().mT @ ours.collapse_l(), theirs.collapse_l().mT @ theirs.collapse_l())  # V S² V^T
+    close(ours.collapse_r() @ ours.collapse_r().mT, theirs.collapse_r() @ theirs.collapse_r().mT)  # U S² U^T
+    close(ours.make_even().AB, theirs.make_even().AB)
+    for i in range(2):
+        for j in range(3):
+            assert nonzero_sorted(ours.eigenvalues[i, j]) == pytest.approx(nonzero_sorted(theirs.eigenvalues[i, j]))
+    U, S, V = theirs.svd()  # the third is V, as ours
+    close(U @ torch.diag_embed(S) @ V.mT, A @ B)
+    close(ours.V.abs(), V.abs())
