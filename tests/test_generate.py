@@ -209,9 +209,9 @@ def test_return_cache_joins_the_steps_like_one_forward_pass():
     ):
         torch.testing.assert_close(cache[name], full[name], atol=1e-5, rtol=1e-5)
     n = out.shape[1] - 1
-    pattern = cache["pattern", 0]  # (batch, n_heads, steps' queries, cache slots)
-    assert pattern.shape == (2, 4, n, n + 1)
-    torch.testing.assert_close(pattern[..., :n], full["pattern", 0], atol=1e-5, rtol=1e-5)
+    pattern = cache["pattern", 0]  # (batch, n_heads, steps' queries, slots written)
+    assert pattern.shape == (2, 4, n, n)
+    torch.testing.assert_close(pattern, full["pattern", 0], atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_runs_once_and_cross_attention_keys_are_computed_once():

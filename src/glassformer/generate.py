@@ -7,10 +7,12 @@ Positions count real tokens, so a left-padded row decodes exactly as it would al
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from glassformer.cells.attention import AttentionMask
@@ -199,15 +201,30 @@ def _step_recorder() -> tuple[list[HookSpec], dict[str, list[Tensor]]]:
     return [(lambda name: True, keep)], steps
 
 
+# Activations over (…, q_pos, k_pos), and what a step's unseen key slots hold once the steps are joined.
+OVER_KEYS = {
+    "hook_pattern": 0.0,
+    "hook_attn_scores": -math.inf,
+    "hook_attn_scores_capped": -math.inf,
+    "hook_position_bias": 0.0,
+}
+
+
 def _join_steps(steps: dict[str, list[Tensor]]) -> ActivationCache:
-    """Per-step activations joined over positions: pattern and scores along q_pos (axis 2), the
-    rest along pos (axis 1); cross-attention keys and values, computed once, are kept as they are."""
+    """Per-step activations joined over positions: the rest along pos (axis 1), those over keys along
+    q_pos (axis 2), each step's keys (the slots written by then) padded to the last step's with what
+    a mask gives an unseen key (`OVER_KEYS`); cross-attention keys and values, computed once, are
+    kept as they are."""
     joined = {}
     for name, parts in steps.items():
+        fill = OVER_KEYS.get(name.rsplit(".", 1)[-1])
         if len(parts) == 1 or name.endswith("hook_pooled"):
             joined[name] = parts[0]
+        elif fill is not None:
+            width = max(p.shape[-1] for p in parts)
+            joined[name] = torch.cat([F.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts], dim=2)
         else:
-            joined[name] = torch.cat(parts, dim=2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1)
+            joined[name] = torch.cat(parts, dim=1)
     return ActivationCache(joined)
 
 
@@ -226,7 +243,7 @@ def generate(
 
     Options are those of `stream`. With `return_cache=True` also returns the activations of every
     step joined along the position axis: q/k/v/z/resid over prompt and new tokens, the pattern as
-    (batch, n_heads, steps' queries, cache slots).
+    (batch, n_heads, steps' queries, slots written), 0 where a step's query came before the slot.
     """
     hooks, steps = _step_recorder() if return_cache else ([], {})
     new = list(

@@ -1,9 +1,10 @@
 """The KV cache: keys and values of every attention layer, preallocated once per generation.
 
 Each layer's keys and values live in `(batch, n_kv_heads, max_len, d_head)` tensors written by
-index (gpt-fast's static-shape design): a decoding step writes its new keys at `slots` and
-attends over all `max_len` slots, masked to those filled with real tokens, so every step has the
-same shapes and can be compiled. Grouped-query heads are cached once per key/value head.
+index (gpt-fast's static-shape design): a decoding step writes its new keys at `slots` and attends
+over the slots written so far; under torch.compile over all `max_len` slots, masked to those filled
+with real tokens, so that every step has the same shapes. Grouped-query heads are cached once per
+key/value head.
 Cross-attention keys and values (from the encoder output) are computed at the first step and kept.
 """
 
@@ -22,11 +23,12 @@ class LayerKV:
         self.filled = False  # cross-attention: whether the encoder's keys are in
 
     def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store new keys/values `(batch, pos, n_kv_heads, d_head)` at the step's slots; return all
-        slots, `(batch, n_kv_heads, max_len, d_head)`."""
+        """Store new keys/values `(batch, pos, n_kv_heads, d_head)` at the step's slots; return the
+        visible slots, `(batch, n_kv_heads, cache.visible(), d_head)`."""
         self.k.index_copy_(2, self.cache.slots, k.transpose(1, 2).to(self.k.dtype))
         self.v.index_copy_(2, self.cache.slots, v.transpose(1, 2).to(self.v.dtype))
-        return self.k, self.v
+        n = self.cache.visible()
+        return self.k[:, :, :n], self.v[:, :, :n]
 
     def store(self, k: Tensor, v: Tensor) -> None:
         """Cross-attention: keep the encoder's keys/values `(batch, src_pos, n_kv_heads, d_head)`."""
@@ -77,6 +79,11 @@ class KVCache:
         self.slots = torch.arange(self.length, self.length + n, device=self.key_valid.device)
         self.key_valid[:, self.length : self.length + n] = valid
         self.length += n
+
+    def visible(self) -> int:
+        """Slots a step attends over: those written so far (reading the unwritten ones would cost
+        memory traffic for nothing), or all of them in a compiled step, which keeps one shape."""
+        return self.max_len if torch.compiler.is_compiling() else self.length
 
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on (a conversation rolled back to a shared prefix)."""

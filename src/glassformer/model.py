@@ -282,7 +282,7 @@ class Transformer(Circuits, TextIO, HookedRoot):
         bias = None
         if stack.rel_pos is not None:  # queries at their slots, against every key slot (all cached ones)
             slots = torch.arange(pos, device=tokens.device) if mask.q_slots is None else mask.q_slots
-            bias = stack.hook_position_bias(stack.rel_pos(slots, pos if cache is None else cache.max_len))
+            bias = stack.hook_position_bias(stack.rel_pos(slots, pos if cache is None else cache.visible()))
         for i, block in enumerate(stack.blocks):
             layer_cache = (None, None) if cache is None else (cache.layers[i], cache.cross[i])
             resid = block(resid, mask, positions, encoder_out, encoder_mask, *layer_cache, score_bias=bias)
@@ -302,7 +302,7 @@ class Transformer(Circuits, TextIO, HookedRoot):
         No input checks here (this is the decode hot path): `generate` checks the prompt once.
         """
         stack = self.decoder if self.cfg.arch == "encoder-decoder" else self
-        mask = AttentionMask(cache.key_valid, q_slots=cache.slots)
+        mask = AttentionMask(cache.key_valid[:, : cache.visible()], q_slots=cache.slots)
         resid = self._run_stack(stack, tokens, mask, encoder_out, encoder_mask, positions=positions, cache=cache)
         return self.hook_logits(self.unembed(resid[:, -1:]))[:, 0]  # only the last position is needed
 
