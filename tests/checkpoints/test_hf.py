@@ -474,6 +474,9 @@ def test_to_hf_refuses_what_no_family_can_hold(tmp_path):
         gpt2_like.unembed.b_U.fill_(1.0)
     with pytest.raises(gf.CheckpointError, match="non-zero biases \\['unembed.b_U'\\]"):
         gpt2_like.to_hf(tmp_path)
+    scaled = gf.Transformer(gf.Config(n_layers=1, d_model=8, n_heads=2, d_vocab=10, n_ctx=4, unembed_scale=0.5))
+    with pytest.raises(gf.CheckpointError, match="(?s)no Hugging Face decoder family fits.*unembed_scale=0.5"):
+        scaled.to_hf(tmp_path)  # no decoder family scales its logits: writing it would drop the scale
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

@@ -177,6 +177,7 @@ PLAIN_DECODER = dict(
     final_softcap=None,
     qk_norm="none",
     n_experts=0,
+    unembed_scale=1.0,
 )
 
 
