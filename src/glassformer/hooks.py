@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from glassformer.cache_algebra import CacheAlgebra
 from glassformer.errors import HookError
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
@@ -120,12 +121,14 @@ def short_name(name: str, layer: int | None = None, where: str | None = None) ->
     return [f"{stack}blocks.{layer}.{rel}" for stack in stacks]
 
 
-class ActivationCache:
+class ActivationCache(CacheAlgebra):
     """Activations of one forward pass, by hook name (`cache["blocks.0.attn.hook_z"]`) or short key
-    (`cache["z", 0]`, `cache["scale", 0, "ln2"]`, `cache["pattern", 1, "decoder"]`)."""
+    (`cache["z", 0]`, `cache["scale", 0, "ln2"]`, `cache["pattern", 1, "decoder"]`). `model`, the
+    model that ran (run_with_cache sets it), lets the cache algebra (`decompose_resid`, …) read weights."""
 
-    def __init__(self, activations: dict[str, Tensor]) -> None:
+    def __init__(self, activations: dict[str, Tensor], model: nn.Module | None = None) -> None:
         self._acts = activations
+        self.model = model
 
     def _resolve(self, key: str | tuple) -> str:
         if isinstance(key, str):
@@ -169,7 +172,7 @@ class ActivationCache:
         return len(self._acts)
 
     def to(self, device: torch.device | str) -> ActivationCache:
-        return ActivationCache({k: v.to(device) for k, v in self._acts.items()})
+        return ActivationCache({k: v.to(device) for k, v in self._acts.items()}, self.model)
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations)"
@@ -275,7 +278,7 @@ class HookedRoot(nn.Module):
         names = self.cache_names(names_filter)
         with self.hooks([(name, save) for name in names]):
             out = self(*args, **kwargs)
-        cache = ActivationCache(store)
+        cache = ActivationCache(store, self)
         tp = getattr(self, "tp", None)  # set by glassformer.parallel.shard
         if gather and tp is not None:
             cache = tp.gather_cache(cache)
