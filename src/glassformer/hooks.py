@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from glassformer.cache_algebra import CacheAlgebra
+from glassformer.cache_algebra import CacheAlgebra, PosSlice, take
 from glassformer.errors import HookError
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
@@ -119,6 +119,15 @@ def short_name(name: str, layer: int | None = None, where: str | None = None) ->
         head, _, tail = rel.partition(".")
         rel = f"{where}.{tail}" if tail else f"{where}.{head}"
     return [f"{stack}blocks.{layer}.{rel}" for stack in stacks]
+
+
+def pos_axis(name: str) -> int | None:
+    """The position axis of a hook's activation: the queries' for scores and patterns; None for the pooler."""
+    if name.endswith("hook_pooled"):
+        return None
+    if name.endswith(("hook_attn_scores", "hook_attn_scores_capped", "hook_pattern", "hook_position_bias")):
+        return 2
+    return 1
 
 
 class ActivationCache(CacheAlgebra):
@@ -263,17 +272,32 @@ class HookedRoot(nn.Module):
         return [hook.name for name in names_filter for hook in self._match(name)]
 
     def run_with_cache(
-        self, *args: Any, names_filter: NameFilter = None, detach: bool = True, gather: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        names_filter: NameFilter = None,
+        detach: bool = True,
+        gather: bool = False,
+        pos_slice: PosSlice = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run forward and keep the activations the filter selects: `(output, ActivationCache)`.
 
-        On a tensor-parallel model, hooks see this process's heads; `gather=True` returns the
-        full-head activations, as one process would have them.
+        `pos_slice` (an int, a slice, a list or tensor of positions), `dtype` (floating activations)
+        and `device` are applied as each activation is recorded, so only that much is ever kept:
+        positions are the queries' for scores and patterns, and an int drops the axis. On a
+        tensor-parallel model, hooks see this process's heads; `gather=True` returns the full-head
+        activations, as one process would have them.
         """
         store: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
-            store[hook.name] = x.detach() if detach else x
+            x = x.detach() if detach else x
+            axis = pos_axis(hook.name)
+            if axis is not None:
+                x = take(x, pos_slice, axis)
+            store[hook.name] = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
 
         names = self.cache_names(names_filter)
         with self.hooks([(name, save) for name in names]):
