@@ -178,6 +178,10 @@ def test_encoder_decoder_decomposes_the_decoder_stream():
 def test_non_linear_models_are_refused():
     with pytest.raises(ValueError, match="pre-norm"):
         run(model_of(norm_position="post"))[1].decompose_resid()
+    _, cache = run(model_of(norm_position="sandwich", norm="rmsnorm"))  # the stream sums; the heads do not
+    close(cache.decompose_resid().sum(0), cache["resid_post", 2])
+    with pytest.raises(ValueError, match="a norm after each cell"):
+        cache.stack_head_results()
     _, cache = run(model_of(final_softcap=3.0))
     with pytest.raises(ValueError, match="final_softcap"):
         cache.logit_attrs(cache.decompose_resid(), 3)

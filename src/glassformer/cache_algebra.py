@@ -38,18 +38,22 @@ def take(x: Tensor, index: PosSlice, dim: int) -> Tensor:
     return x[(slice(None),) * (dim % x.dim()) + (index,)]
 
 
-def check_sum(cfg: Any, what: str) -> None:
-    """Refuse a model whose residual stream is not a sum of its components (post-norm)."""
-    if cfg.norm_position == "post" and cfg.norm != "none":
-        raise ValueError(
-            f"{what} needs a pre-norm model (norm_position='pre'): after a post-norm block the residual "
-            "stream is no longer a sum of the components"
+def check_sum(cfg: Any, what: str, cells: bool = False) -> None:
+    """Refuse a model whose stream is not a sum of the pieces: post-norm; with `cells` (heads, neurons),
+    also a norm after each cell (sandwich, output), which their writes pass through."""
+    refused = ("post", "sandwich", "output") if cells else ("post",)
+    if cfg.norm_position in refused and cfg.norm != "none":
+        why = (
+            "after a post-norm block the residual stream is no longer a sum of the components"
+            if cfg.norm_position == "post"
+            else "a norm after each cell stands between the heads' and neurons' writes and the stream"
         )
+        raise ValueError(f"{what} needs a pre-norm model (norm_position='pre'), not {cfg.norm_position!r}: {why}")
 
 
-def check_linear_head(cfg: Any, what: str) -> None:
-    """Refuse a model whose logits are not linear in the normalised stream."""
-    check_sum(cfg, what)
+def check_linear_head(cfg: Any, what: str, cells: bool = False) -> None:
+    """Refuse a model whose logits are not linear in the normalised stream (or, with `cells`, in its pieces)."""
+    check_sum(cfg, what, cells)
     if cfg.head_transform:
         raise ValueError(f"{what} cannot go through head_transform (a non-linear head)")
     if cfg.final_softcap is not None:
@@ -178,6 +182,7 @@ class CacheAlgebra:
         """Each head's write into the stream, of the layers before `layer` (-1: all), (n_layers *
         n_heads, batch, pos, d_model), labelled "L0H0", …; b_O is not a head's, and is left out."""
         root, prefix = self._root()
+        check_sum(self.model.cfg, "stack_head_results", cells=True)
         layer = self._layer(layer)
         parts, labels = [], []
         for i in range(layer):
@@ -215,6 +220,7 @@ class CacheAlgebra:
         × pos × d_model; by default at most NEURON_CHUNK_ELEMENTS elements). Slice positions and
         neurons to keep the result itself small."""
         root, prefix = self._root()
+        check_sum(self.model.cfg, "stack_neuron_results", cells=True)
         layer = self._layer(layer)
         pieces, labels = [], []
         for i in range(layer):
