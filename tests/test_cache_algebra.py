@@ -58,6 +58,8 @@ def test_decompose_resid_sums_to_the_stream_entering_each_layer(ran):
     attn, labels = cache.decompose_resid(mode="attn", incl_embeds=False, return_labels=True)
     assert labels == ["0_attn_out", "1_attn_out", "2_attn_out"]
     assert cache.decompose_resid(layer=0, incl_embeds=False).shape == (0, 2, 6, 16)
+    with pytest.raises(ValueError, match="mode must be"):
+        cache.decompose_resid(mode="heads")
 
 
 def test_heads_and_neurons_sum_to_their_layers_output(ran):

@@ -111,6 +111,8 @@ class CacheAlgebra:
         """The stream entering `layer` (None: the head) as the pieces that wrote it, (n_components,
         batch, pos, d_model): "embed", "pos_embed", then "0_attn_out", "0_mlp_out", …; `mlp_input`
         adds `layer`'s attention, `mode` "attn"/"mlp" keeps one kind."""
+        if mode not in ("all", "attn", "mlp"):
+            raise ValueError(f"mode must be 'all', 'attn' or 'mlp'; got {mode!r}")
         root, prefix = self._root()
         check_sum(self.model.cfg, "decompose_resid")
         layer = self._layer(layer)
