@@ -217,3 +217,18 @@ def test_hooks_not_given_as_a_list_of_pairs_are_a_clear_error(fwd_hooks):
     with pytest.raises(TypeError, match=r"fwd_hooks must be a list of \(hook name or predicate, fn\) pairs"):
         model.run_with_hooks(TOKENS, fwd_hooks=fwd_hooks)
     assert active_hooks(model) == []
+
+
+def test_cache_records_only_the_positions_dtype_and_device_asked_for():
+    model = make()
+    with torch.no_grad():
+        _, full = model.run_with_cache(TOKENS)
+        _, some = model.run_with_cache(TOKENS, pos_slice=[1, 3], dtype=torch.bfloat16, device="cpu")
+        _, last = model.run_with_cache(TOKENS, pos_slice=-1)
+    assert all(t.dtype == torch.bfloat16 for t in some.values())
+    assert some["resid_post", 1].shape == (2, 2, 16) and some["z", 0].shape == (2, 2, 4, 4)
+    assert some["pattern", 0].shape == (2, 4, 2, 5)  # the queries' positions; every key kept
+    assert some["scale", 1, "ln2"].shape == (2, 2, 1)
+    torch.testing.assert_close(some["resid_post", 1], full["resid_post", 1][:, [1, 3]].bfloat16())
+    assert last["resid_pre", 0].shape == (2, 16) and last["result", 1].shape == (2, 4, 16)
+    torch.testing.assert_close(last.decompose_resid().sum(0), full["resid_post", 1][:, -1])

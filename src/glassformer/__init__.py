@@ -2,7 +2,7 @@
 
 from glassformer import parallel  # gf.parallel.shard / load_sharded / init
 from glassformer.config import Config
-from glassformer.errors import CheckpointError, CircuitError, GlassformerError, HookError, InputError
+from glassformer.errors import CacheError, CheckpointError, CircuitError, GlassformerError, HookError, InputError
 from glassformer.factored import FactoredMatrix
 from glassformer.hooks import ActivationCache, HookPoint
 from glassformer.inspect.trace import Trace, trace
@@ -11,6 +11,7 @@ from glassformer.model import Transformer
 
 __all__ = [
     "ActivationCache",
+    "CacheError",
     "CheckpointError",
     "CircuitError",
     "Config",

@@ -21,3 +21,7 @@ class CircuitError(GlassformerError, ValueError):
     """Weights that cannot be read as the circuit asked for: factored matrices whose inner sizes
     differ, an eigen-decomposition of a non-square product, one stack's QK/OV asked of an
     encoder-decoder model."""
+
+
+class CacheError(GlassformerError, ValueError):
+    """An activation cache that lacks what a computation needs, or that does not know its model."""

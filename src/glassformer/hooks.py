@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from glassformer.cache_algebra import CacheAlgebra, PosSlice, take
 from glassformer.errors import HookError
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
@@ -120,12 +121,23 @@ def short_name(name: str, layer: int | None = None, where: str | None = None) ->
     return [f"{stack}blocks.{layer}.{rel}" for stack in stacks]
 
 
-class ActivationCache:
-    """Activations of one forward pass, by hook name (`cache["blocks.0.attn.hook_z"]`) or short key
-    (`cache["z", 0]`, `cache["scale", 0, "ln2"]`, `cache["pattern", 1, "decoder"]`)."""
+def pos_axis(name: str) -> int | None:
+    """The position axis of a hook's activation: the queries' for scores and patterns; None for the pooler."""
+    if name.endswith("hook_pooled"):
+        return None
+    if name.endswith(("hook_attn_scores", "hook_attn_scores_capped", "hook_pattern", "hook_position_bias")):
+        return 2
+    return 1
 
-    def __init__(self, activations: dict[str, Tensor]) -> None:
+
+class ActivationCache(CacheAlgebra):
+    """Activations of one forward pass, by hook name (`cache["blocks.0.attn.hook_z"]`) or short key
+    (`cache["z", 0]`, `cache["scale", 0, "ln2"]`, `cache["pattern", 1, "decoder"]`). `model`, the
+    model that ran (run_with_cache sets it), lets the cache algebra (`decompose_resid`, …) read weights."""
+
+    def __init__(self, activations: dict[str, Tensor], model: nn.Module | None = None) -> None:
         self._acts = activations
+        self.model = model
 
     def _resolve(self, key: str | tuple) -> str:
         if isinstance(key, str):
@@ -169,7 +181,7 @@ class ActivationCache:
         return len(self._acts)
 
     def to(self, device: torch.device | str) -> ActivationCache:
-        return ActivationCache({k: v.to(device) for k, v in self._acts.items()})
+        return ActivationCache({k: v.to(device) for k, v in self._acts.items()}, self.model)
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations)"
@@ -260,22 +272,37 @@ class HookedRoot(nn.Module):
         return [hook.name for name in names_filter for hook in self._match(name)]
 
     def run_with_cache(
-        self, *args: Any, names_filter: NameFilter = None, detach: bool = True, gather: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        names_filter: NameFilter = None,
+        detach: bool = True,
+        gather: bool = False,
+        pos_slice: PosSlice = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run forward and keep the activations the filter selects: `(output, ActivationCache)`.
 
-        On a tensor-parallel model, hooks see this process's heads; `gather=True` returns the
-        full-head activations, as one process would have them.
+        `pos_slice` (an int, a slice, a list or tensor of positions), `dtype` (floating activations)
+        and `device` are applied as each activation is recorded, so only that much is ever kept:
+        positions are the queries' for scores and patterns, and an int drops the axis. On a
+        tensor-parallel model, hooks see this process's heads; `gather=True` returns the full-head
+        activations, as one process would have them.
         """
         store: dict[str, Tensor] = {}
 
         def save(x: Tensor, hook: HookPoint) -> None:
-            store[hook.name] = x.detach() if detach else x
+            x = x.detach() if detach else x
+            axis = pos_axis(hook.name)
+            if axis is not None:
+                x = take(x, pos_slice, axis)
+            store[hook.name] = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
 
         names = self.cache_names(names_filter)
         with self.hooks([(name, save) for name in names]):
             out = self(*args, **kwargs)
-        cache = ActivationCache(store)
+        cache = ActivationCache(store, self)
         tp = getattr(self, "tp", None)  # set by glassformer.parallel.shard
         if gather and tp is not None:
             cache = tp.gather_cache(cache)

@@ -163,7 +163,7 @@ class TensorParallel:
                 out[name] = tensor
                 continue
             out[name] = torch.cat(_all_gather(tensor.contiguous(), self.group, self.world), dim=axis)
-        return ActivationCache(out)
+        return ActivationCache(out, cache.model)
 
 
 def groups(tp: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from glassformer.cells.norm import Norm
+from glassformer.cache_algebra import check_linear_head
 from glassformer.inspect.inputs import TokensOrText, as_tokens, id_strings, token_id
 from glassformer.model import Transformer
 
@@ -51,17 +51,6 @@ class Attribution:
         lines = [f"{self.what} {self.logit.mean().item():+.4f} = sum of (mean over the batch, largest first):"]
         lines += [f"  {self.labels[i]:<12} {mean[i].item():+.4f}" for i in order]
         return "\n".join(lines)
-
-
-def _check_decomposable(model: Transformer) -> None:
-    cfg = model.cfg
-    if cfg.norm_position != "pre" and cfg.norm != "none":
-        raise ValueError(
-            "direct logit attribution needs a pre-norm model (norm_position='pre'): after a post-norm block "
-            "the residual stream is no longer a sum of the components"
-        )
-    if cfg.head_transform:
-        raise ValueError("direct logit attribution cannot go through head_transform (a non-linear head)")
 
 
 def _components(model: Transformer, cache: dict, stack: str, position: int) -> tuple[list[str], list[Tensor]]:
@@ -107,7 +96,7 @@ def direct_logit_attribution(
     (the encoder reaches it only through cross-attention, whose heads are components `L{i}X{h}`).
     Tokens may be text, and `target`/`wrong` the text of one token each (`model.to_single_token`).
     """
-    _check_decomposable(model)
+    check_linear_head(model.cfg, "direct logit attribution", cells=True)
     tokens = as_tokens(model, tokens)
     tgt = as_tokens(model, tgt, "tgt") if tgt is not None else None
     target = token_id(model, target, "target")
@@ -118,18 +107,9 @@ def direct_logit_attribution(
         logits, cache = model.run_with_cache(*inputs, names_filter=_needed)
         labels, parts = _components(model, cache, stack, position)
         stream = torch.stack(parts)  # (n_components, batch, d_model)
-        norm = model.decoder.ln_final if stack else model.ln_final
-        w_u = model.unembed.W_U * model.cfg.unembed_scale  # (d_model, d_vocab); the head scales x first
-        direction = w_u[:, target] - (w_u[:, wrong] if wrong is not None else 0)  # (d_model,)
-        bias = _bias(model, target, wrong)
-        if isinstance(norm, Norm):
-            if norm.centre:
-                stream = stream - stream.mean(-1, keepdim=True)  # each component centred on its own
-            scale = cache[f"{stack}ln_final.hook_scale"][:, position]  # (batch, 1)
-            stream = stream / scale * norm.w  # (n_components, batch, d_model)
-            if norm.b is not None:
-                bias = bias + norm.b @ direction
-        values = torch.cat([stream @ direction, bias.expand(1, stream.shape[1])])  # (n_components + 1, batch)
+        shares = cache.logit_attrs(stream, target, wrong, pos_slice=position)  # (n_components, batch)
+        bias = _bias(model, target, wrong).expand(1, stream.shape[1])  # (1, batch)
+        values = torch.cat([shares, bias])  # (n_components + 1, batch)
         logit = logits[:, position, target] - (logits[:, position, wrong] if wrong is not None else 0)  # (batch,)
     return Attribution([*labels, "bias"], values, logit, _what(model, target, wrong))
 
@@ -154,8 +134,16 @@ def _needed(name: str) -> bool:
 
 
 def _bias(model: Transformer, target: int, wrong: int | None) -> Tensor:
-    """b_U[target] (- b_U[wrong]); zero without an unembedding bias."""
-    b_u = model.unembed.b_U
-    if b_u is None:
-        return torch.zeros((), device=model.unembed.W_U.device)
-    return b_u[target] - (b_u[wrong] if wrong is not None else 0)
+    """The logit's constant part: b_U[target] and the final norm's bias read through W_U (less wrong's)."""
+    norm = model.decoder.ln_final if model.cfg.arch == "encoder-decoder" else model.ln_final
+    w_u = model.unembed.W_U * model.cfg.unembed_scale  # (d_model, d_vocab); the head scales x first
+
+    def constant(token: int) -> Tensor:
+        out = torch.zeros((), device=w_u.device)
+        if model.unembed.b_U is not None:
+            out = out + model.unembed.b_U[token]
+        if getattr(norm, "b", None) is not None:
+            out = out + norm.b @ w_u[:, token]
+        return out
+
+    return constant(target) - (constant(wrong) if wrong is not None else 0)
