@@ -9,6 +9,7 @@ import torch
 
 import glassformer as gf
 from glassformer.inspect.lens import logit_lens
+from tests.inspect.test_attribution import model as attribution_model
 
 TOKENS = torch.tensor([[3, 7, 1, 9, 4, 2], [5, 5, 8, 0, 6, 1]])
 SMALL = dict(n_layers=3, d_model=16, n_heads=4, d_vocab=13, n_ctx=8)
@@ -20,14 +21,8 @@ CONFIGS = {
 
 
 def model_of(**kw) -> gf.Transformer:
-    """Random weights with non-trivial norm gains and biases, so every term matters."""
-    m = gf.Transformer(gf.Config(**{**SMALL, **kw}), seed=0).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in m.parameters():
-            if param.dim() == 1:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    return m
+    """Random weights with non-trivial norm gains and biases (attribution's test model, 3 layers)."""
+    return attribution_model(**{**SMALL, **kw})
 
 
 def run(m, tokens=TOKENS, **kw):
