@@ -101,7 +101,7 @@ QWEN3MOE_SETTINGS = {
     "expert_feed_forward_length": "moe_intermediate_size",
 }
 QWEN2MOE_SETTINGS = {**QWEN3MOE_SETTINGS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
-# GPT-2's config fields, embedding, final LayerNorm and head
+# GPT-2 and GPT-J: the same config fields, and the same embedding, final LayerNorm and head
 GPT2_SETTINGS = {
     "context_length": "n_positions",
     "embedding_length": "n_embd",
@@ -152,6 +152,27 @@ NEOX_NAMES = [
 ]
 
 
+# GPT-J: attention and MLP both read attn_norm; Q, K and V apart, none with a bias; the head has one.
+# Its rotary pairs neighbouring dimensions (llama.cpp's NORM rope), so Q/K rows are stored as transformers
+# holds them, as GPT-J's GGUF converters write them. llama.cpp names gptj's tensors but builds no graph for it.
+GPTJ_NAMES = [
+    *GPT2_HEAD,
+    ("output.bias", "lm_head.bias", False),
+    *_layer(
+        "transformer.h.{i}.",
+        [
+            ("attn_norm", "ln_1"),
+            ("attn_q", "attn.q_proj"),
+            ("attn_k", "attn.k_proj"),
+            ("attn_v", "attn.v_proj"),
+            ("attn_output", "attn.out_proj"),
+            ("ffn_up", "mlp.fc_in"),
+            ("ffn_down", "mlp.fc_out"),
+        ],
+    ),
+]
+
+
 def _rotated(meta: Mapping[str, Any]) -> tuple[int, int]:
     """(rotated dimensions per head, d_head): `{arch}.rope.dimension_count`, the whole head if absent."""
     arch = meta["general.architecture"]
@@ -163,6 +184,11 @@ def _neox_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """GGUF gives rotated dimensions per head; transformers wants the fraction of the head."""
     rotated, head = _rotated(meta)
     return {"rotary_pct": rotated / head}
+
+
+def _gptj_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """GPT-J's transformers config counts the rotated dimensions per head, as GGUF does."""
+    return {"rotary_dim": _rotated(meta)[0]}
 
 
 HEAD = [
@@ -395,6 +421,8 @@ ARCHITECTURES = {
         stored=_t5_feed_forward,
     ),
     "gpt2": Architecture("gpt2", GPT2_SETTINGS, GPT2_NAMES, {"activation_function": "gelu_new"}),
+    # a file has no activation key: GPT-J's own gelu_new is the one every gptj file means
+    "gptj": Architecture("gptj", GPT2_SETTINGS, GPTJ_NAMES, {"activation_function": "gelu_new"}, extra=_gptj_rotary),
     "gptneox": Architecture(
         "gpt_neox",
         {
@@ -428,6 +456,7 @@ WRITTEN_AS = {
     "gemma3_text": "gemma3",
     "olmo2": "olmo2",
     "gpt2": "gpt2",
+    "gptj": "gptj",
     "gpt_neox": "gptneox",
     "t5": "t5",
 }
