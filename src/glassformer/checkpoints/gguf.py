@@ -101,12 +101,25 @@ QWEN3MOE_SETTINGS = {
     "expert_feed_forward_length": "moe_intermediate_size",
 }
 QWEN2MOE_SETTINGS = {**QWEN3MOE_SETTINGS, "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
-GPT2_NAMES = [
+# GPT-2 and GPT-J: the same config fields, and the same embedding, final LayerNorm and head
+GPT2_SETTINGS = {
+    "context_length": "n_positions",
+    "embedding_length": "n_embd",
+    "feed_forward_length": "n_inner",
+    "block_count": "n_layer",
+    "attention.head_count": "n_head",
+    "attention.layer_norm_epsilon": "layer_norm_epsilon",
+    "vocab_size": "vocab_size",
+}
+GPT2_HEAD = [
     ("token_embd.weight", "transformer.wte.weight", False),
-    ("position_embd.weight", "transformer.wpe.weight", False),
     ("output_norm.weight", "transformer.ln_f.weight", False),
     ("output_norm.bias", "transformer.ln_f.bias", False),
     ("output.weight", "lm_head.weight", False),
+]
+GPT2_NAMES = [
+    *GPT2_HEAD,
+    ("position_embd.weight", "transformer.wpe.weight", False),
     *_layer(
         "transformer.h.{i}.",
         [
@@ -139,10 +152,43 @@ NEOX_NAMES = [
 ]
 
 
+# GPT-J: attention and MLP both read attn_norm; Q, K and V apart, none with a bias; the head has one.
+# Its rotary pairs neighbouring dimensions (llama.cpp's NORM rope), so Q/K rows are stored as transformers
+# holds them, as GPT-J's GGUF converters write them. llama.cpp names gptj's tensors but builds no graph for it.
+GPTJ_NAMES = [
+    *GPT2_HEAD,
+    ("output.bias", "lm_head.bias", False),
+    *_layer(
+        "transformer.h.{i}.",
+        [
+            ("attn_norm", "ln_1"),
+            ("attn_q", "attn.q_proj"),
+            ("attn_k", "attn.k_proj"),
+            ("attn_v", "attn.v_proj"),
+            ("attn_output", "attn.out_proj"),
+            ("ffn_up", "mlp.fc_in"),
+            ("ffn_down", "mlp.fc_out"),
+        ],
+    ),
+]
+
+
+def _rotated(meta: Mapping[str, Any]) -> tuple[int, int]:
+    """(rotated dimensions per head, d_head): `{arch}.rope.dimension_count`, the whole head if absent."""
+    arch = meta["general.architecture"]
+    head = meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"]
+    return meta.get(f"{arch}.rope.dimension_count", head), head
+
+
 def _neox_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """GGUF gives rotated dimensions per head; transformers wants the fraction of the head."""
-    head = hf["hidden_size"] // hf["num_attention_heads"]
-    return {"rotary_pct": meta.get("gptneox.rope.dimension_count", head) / head}
+    rotated, head = _rotated(meta)
+    return {"rotary_pct": rotated / head}
+
+
+def _gptj_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """GPT-J's transformers config counts the rotated dimensions per head, as GGUF does."""
+    return {"rotary_dim": _rotated(meta)[0]}
 
 
 HEAD = [
@@ -196,9 +242,8 @@ SANDWICH_ROWS = [*_replace(LLAMA_ROWS, ffn_norm="pre_feedforward_layernorm"), *P
 
 def _partial_rotary(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
     """Phi-3: the rotated dimensions per head as transformers' fraction of the head."""
-    head = hf["hidden_size"] // hf["num_attention_heads"]
-    arch = meta["general.architecture"]
-    return {"partial_rotary_factor": meta.get(f"{arch}.rope.dimension_count", head) / head}
+    rotated, head = _rotated(meta)
+    return {"partial_rotary_factor": rotated / head}
 
 
 def _gemma_scale(meta: Mapping[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
@@ -375,20 +420,9 @@ ARCHITECTURES = {
         writable=_t5_fits,
         stored=_t5_feed_forward,
     ),
-    "gpt2": Architecture(
-        "gpt2",
-        {
-            "context_length": "n_positions",
-            "embedding_length": "n_embd",
-            "feed_forward_length": "n_inner",
-            "block_count": "n_layer",
-            "attention.head_count": "n_head",
-            "attention.layer_norm_epsilon": "layer_norm_epsilon",
-            "vocab_size": "vocab_size",
-        },
-        GPT2_NAMES,
-        {"activation_function": "gelu_new"},
-    ),
+    "gpt2": Architecture("gpt2", GPT2_SETTINGS, GPT2_NAMES, {"activation_function": "gelu_new"}),
+    # a file has no activation key: GPT-J's own gelu_new is the one every gptj file means
+    "gptj": Architecture("gptj", GPT2_SETTINGS, GPTJ_NAMES, {"activation_function": "gelu_new"}, extra=_gptj_rotary),
     "gptneox": Architecture(
         "gpt_neox",
         {
@@ -422,6 +456,7 @@ WRITTEN_AS = {
     "gemma3_text": "gemma3",
     "olmo2": "olmo2",
     "gpt2": "gpt2",
+    "gptj": "gptj",
     "gpt_neox": "gptneox",
     "t5": "t5",
 }
