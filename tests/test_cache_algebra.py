@@ -240,3 +240,20 @@ def test_same_labels_and_numbers_as_transformer_lens():
     torch.testing.assert_close(
         ours.logit_attrs(stack, target, wrong, pos_slice=-1), theirs.logit_attrs(stack, target, wrong, pos_slice=-1)
     )
+
+
+def test_gradients_match_transformer_lens_incl_bwd():
+    """run_with_cache(backward_metric=loss) records what TransformerLens' incl_bwd=True does, by the same names."""
+    tl = pytest.importorskip("transformer_lens")
+    m = model_of()
+    hooked = transformer_lens_twin(tl, m)
+    names = ["hook_embed", "blocks.0.attn.hook_z", "blocks.1.attn.hook_pattern", "blocks.2.mlp.hook_post"]
+    _, theirs = hooked.run_with_cache(TOKENS, names_filter=names, incl_bwd=True, return_type="loss")
+
+    def loss(logits):  # TransformerLens' lm_cross_entropy_loss: next-token cross-entropy, mean
+        return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), TOKENS[:, 1:])
+
+    _, ours = m.run_with_cache(TOKENS, names_filter=names, backward_metric=loss)
+    assert sorted(ours.keys()) == sorted(theirs.keys())
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=1e-4, msg=name)

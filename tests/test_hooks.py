@@ -232,3 +232,84 @@ def test_cache_records_only_the_positions_dtype_and_device_asked_for():
     torch.testing.assert_close(some["resid_post", 1], full["resid_post", 1][:, [1, 3]].bfloat16())
     assert last["resid_pre", 0].shape == (2, 16) and last["result", 1].shape == (2, 4, 16)
     torch.testing.assert_close(last.decompose_resid().sum(0), full["resid_post", 1][:, -1])
+
+
+# Gradients: run_with_cache(backward_metric=fn) records d fn(logits) / d activation under name + "_grad".
+
+
+def loss(logits):
+    """A hand-written next-token loss: mean cross-entropy of each position against the next token."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), TOKENS[:, 1:])
+
+
+def reference_grad(model, name, metric=loss):
+    """d metric / d activation by a second route: a zero leaf added to the activation in a hook."""
+    found = {}
+
+    def add_leaf(x, hook):
+        found["leaf"] = torch.zeros_like(x, requires_grad=True)
+        return x + found["leaf"]
+
+    logits = model.run_with_hooks(TOKENS, fwd_hooks=[(name, add_leaf)])
+    return torch.autograd.grad(metric(logits), found["leaf"])[0]
+
+
+@pytest.mark.parametrize(
+    "name", ["hook_embed", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_z", "blocks.1.mlp.hook_post"]
+)
+def test_backward_metric_gradients_equal_autograd_on_a_hand_written_loss(name):
+    model = make()
+    logits, cache = model.run_with_cache(TOKENS, backward_metric=loss)
+    torch.testing.assert_close(cache[f"{name}_grad"], reference_grad(model, name), atol=1e-6, rtol=1e-5)
+    assert cache[name].shape == cache[f"{name}_grad"].shape and not logits.requires_grad
+
+
+def test_backward_metric_on_the_fused_path_equals_the_explicit_path():
+    """Caching z alone keeps the fused attention kernel; caching the pattern too forces the explicit one."""
+    model = make()
+    _, fused = model.run_with_cache(TOKENS, names_filter="blocks.0.attn.hook_z", backward_metric=loss)
+    names = ["blocks.0.attn.hook_z", "blocks.0.attn.hook_pattern"]
+    _, explicit = model.run_with_cache(TOKENS, names_filter=names, backward_metric=loss)
+    assert list(fused.keys()) == ["blocks.0.attn.hook_z", "blocks.0.attn.hook_z_grad"]
+    torch.testing.assert_close(fused["z_grad", 0], explicit["z_grad", 0], atol=1e-6, rtol=1e-5)
+
+
+def test_backward_metric_leaves_parameter_grads_and_mode_alone():
+    model = make().train()
+    params = list(model.parameters())
+    params[0].grad = torch.ones_like(params[0])
+    with torch.no_grad():  # grad is switched on for the run itself
+        _, cache = model.run_with_cache(TOKENS, backward_metric=loss)
+    assert "blocks.0.hook_resid_pre_grad" in cache and model.training
+    assert torch.equal(params[0].grad, torch.ones_like(params[0]))
+    assert all(p.grad is None for p in params[1:])
+
+
+def test_backward_metric_with_frozen_weights_slices_and_short_keys():
+    """Frozen weights: the first recorded activation starts the graph (upstream products may take the
+    no-gradient oneDNN path); the gradients are the same. pos_slice slices gradients as activations."""
+    model = make()
+    _, free = model.run_with_cache(TOKENS, backward_metric=loss)
+    model.requires_grad_(False)
+    _, frozen = model.run_with_cache(TOKENS, names_filter=lambda n: "blocks.1" in n, backward_metric=loss)
+    torch.testing.assert_close(frozen["resid_pre_grad", 1], free["resid_pre_grad", 1], atol=1e-6, rtol=1e-5)
+    _, last = model.run_with_cache(
+        TOKENS, names_filter="blocks.1.attn.hook_pattern", pos_slice=-1, backward_metric=loss
+    )
+    torch.testing.assert_close(last["pattern_grad", 1], free["pattern_grad", 1][:, :, -1], atol=1e-6, rtol=1e-5)
+    assert free["blocks.1.attn.hook_z_grad"] is free["z_grad", 1]
+
+
+def test_backward_metric_hooks_are_removed_when_it_raises_or_is_not_a_scalar():
+    model = make()
+
+    def boom(logits):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_cache(TOKENS, backward_metric=boom)
+    assert active_hooks(model) == []
+    with pytest.raises(ValueError, match=r"scalar .* got shape \(2,\)"):
+        model.run_with_cache(TOKENS, backward_metric=lambda logits: logits[:, -1, 0])
+    assert active_hooks(model) == []
+    assert all(p.grad is None for p in model.parameters())

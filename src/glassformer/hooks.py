@@ -105,10 +105,12 @@ _SHORT_NAMES = {
 
 
 def short_name(name: str, layer: int | None = None, where: str | None = None) -> list[str]:
-    """Full hook names that a short key may stand for, most likely first.
+    """Full hook names that a short key may stand for, most likely first (`"z_grad"`: z's gradient).
 
     `where` picks a sub-cell (`"ln2"`, `"cross_attn"`) or a stack (`"encoder"`, `"decoder"`).
     """
+    if name.endswith("_grad"):  # a gradient is cached under its activation's name + "_grad"
+        return [f"{full}_grad" for full in short_name(name.removesuffix("_grad"), layer, where)]
     if layer is None:
         return [name if name.startswith("hook_") else f"hook_{name}"]
     rel = _SHORT_NAMES.get(name, name)
@@ -280,6 +282,7 @@ class HookedRoot(nn.Module):
         pos_slice: PosSlice = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        backward_metric: Callable[[Any], Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run forward and keep the activations the filter selects: `(output, ActivationCache)`.
@@ -289,21 +292,55 @@ class HookedRoot(nn.Module):
         positions are the queries' for scores and patterns, and an int drops the axis. On a
         tensor-parallel model, hooks see this process's heads; `gather=True` returns the full-head
         activations, as one process would have them.
+
+        `backward_metric`, a function of the output returning a scalar tensor, also records the
+        gradient of that scalar with respect to each activation, under `name + "_grad"` (as
+        TransformerLens' `incl_bwd`), sliced and converted the same way; the output is then
+        detached. Gradients come from `torch.autograd.grad` on the activations alone: parameters'
+        `.grad` are left as they were, and the model's train/eval mode is not changed.
         """
         store: dict[str, Tensor] = {}
+        live: dict[str, Tensor] = {}
 
-        def save(x: Tensor, hook: HookPoint) -> None:
+        def record(x: Tensor, name: str) -> None:
             x = x.detach() if detach else x
-            axis = pos_axis(hook.name)
+            axis = pos_axis(name.removesuffix("_grad"))
             if axis is not None:
                 x = take(x, pos_slice, axis)
-            store[hook.name] = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+            store[name] = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+        def save(x: Tensor, hook: HookPoint) -> Tensor | None:
+            if backward_metric is None or not x.is_floating_point():
+                record(x, hook.name)
+                return None
+            if not x.requires_grad:  # nothing upstream needs a gradient (frozen weights): start here
+                x = x.detach().requires_grad_()
+            live[hook.name] = x
+            record(x, hook.name)
+            return x
 
         names = self.cache_names(names_filter)
-        with self.hooks([(name, save) for name in names]):
-            out = self(*args, **kwargs)
+        if backward_metric is None:
+            with self.hooks([(name, save) for name in names]):
+                out = self(*args, **kwargs)
+        else:
+            with torch.inference_mode(False), torch.enable_grad(), self.hooks([(name, save) for name in names]):
+                out = self(*args, **kwargs)
+                for name, grad in zip(live, _gradients(backward_metric(out), list(live.values())), strict=True):
+                    record(grad, f"{name}_grad")
+            out = out.detach()
         cache = ActivationCache(store, self)
         tp = getattr(self, "tp", None)  # set by glassformer.parallel.shard
         if gather and tp is not None:
             cache = tp.gather_cache(cache)
         return out, cache
+
+
+def _gradients(metric: Any, activations: list[Tensor]) -> tuple[Tensor, ...]:
+    """d metric / d activation for each activation (zeros where it does not reach the metric)."""
+    if not isinstance(metric, Tensor) or metric.dim() != 0:
+        got = f"shape {tuple(metric.shape)}" if isinstance(metric, Tensor) else type(metric).__name__
+        raise ValueError(f"backward_metric must return a scalar (0-dim) tensor, got {got}; reduce it, e.g. .mean()")
+    if not metric.requires_grad:
+        raise ValueError("backward_metric returned a tensor that does not depend on the output (no gradient)")
+    return torch.autograd.grad(metric, activations, allow_unused=True, materialize_grads=True)

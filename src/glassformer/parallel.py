@@ -377,7 +377,7 @@ _SPLIT_AXES = {
 def split_axis(name: str) -> int | None:
     """The axis along which hook `name`'s tensor is split among processes, or None if it is whole.
     A per-head q/k norm's hooks are split by head, (batch, pos, heads, d_head or 1)."""
-    module, _, leaf = name.rpartition(".")
+    module, _, leaf = name.removesuffix("_grad").rpartition(".")  # a gradient is split as its activation
     if module.endswith((".q_norm", ".k_norm")):
         return 2
     return _SPLIT_AXES.get(leaf)

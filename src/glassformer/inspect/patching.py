@@ -39,15 +39,15 @@ def logit_diff(correct: int | str, wrong: int | str, position: int = -1, model: 
     return metric
 
 
-def _inputs(model: Transformer, tokens: Inputs) -> tuple[Tensor, ...]:
+def model_inputs(model: Transformer, tokens: Inputs) -> tuple[Tensor, ...]:
     """One token tensor, or (src, tgt) for an encoder-decoder model; text goes through the tokenizer."""
     parts = (tokens,) if isinstance(tokens, Tensor | str) else tuple(tokens)
     return tuple(as_tokens(model, part) for part in parts)
 
 
-def _same_length(model: Transformer, clean: Inputs, corrupted: Inputs) -> tuple[tuple[Tensor, ...], ...]:
+def same_length(model: Transformer, clean: Inputs, corrupted: Inputs) -> tuple[tuple[Tensor, ...], ...]:
     """Both runs' token tensors, checked to have as many positions each (patching is position by position)."""
-    clean_tokens, corrupted_tokens = _inputs(model, clean), _inputs(model, corrupted)
+    clean_tokens, corrupted_tokens = model_inputs(model, clean), model_inputs(model, corrupted)
     for a, b in zip(clean_tokens, corrupted_tokens, strict=False):
         if a.shape[-1] != b.shape[-1]:
             raise InputError(
@@ -60,7 +60,7 @@ def _same_length(model: Transformer, clean: Inputs, corrupted: Inputs) -> tuple[
 def clean_cache(model: Transformer, clean: Inputs, names: Sequence[str]) -> ActivationCache:
     """The clean run's activations at `names` (only those: the rest of the run stays on the fast path)."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(*_inputs(model, clean), names_filter=list(names))
+        _, cache = model.run_with_cache(*model_inputs(model, clean), names_filter=list(names))
     return cache
 
 
@@ -78,10 +78,11 @@ def patched_logits(
         return x
 
     with torch.no_grad():
-        return model.run_with_hooks(*_inputs(model, corrupted), fwd_hooks=[(name, patch)])
+        return model.run_with_hooks(*model_inputs(model, corrupted), fwd_hooks=[(name, patch)])
 
 
-def _value(metric: Metric, logits: Tensor) -> float:
+def metric_value(metric: Metric, logits: Tensor) -> float:
+    """The metric of these logits as a float."""
     out = metric(logits)
     return float(out.item() if isinstance(out, Tensor) else out)
 
@@ -99,14 +100,14 @@ def patch_residual(
     `stack` is "" for a single-stack model, or "encoder." / "decoder." for an encoder-decoder one.
     Inputs may be text of the same token length.
     """
-    clean, corrupted = _same_length(model, clean, corrupted)
-    names = _layer_names(model, stack, hook)
+    clean, corrupted = same_length(model, clean, corrupted)
+    names = layer_names(model, stack, hook)
     cache = clean_cache(model, clean, names)
     n_pos = cache[names[0]].shape[1]
     out = torch.empty(len(names), n_pos)
     for layer, name in enumerate(names):
         for pos in range(n_pos):
-            out[layer, pos] = _value(metric, patched_logits(model, corrupted, cache, name, (pos,)))
+            out[layer, pos] = metric_value(metric, patched_logits(model, corrupted, cache, name, (pos,)))
     return out
 
 
@@ -122,8 +123,8 @@ def patch_heads(
     """(n_layers, n_heads) metric after patching one head's clean `hook` (z, q, result, …) at every
     position; `per_position=True` gives (n_layers, pos, n_heads), one position and head at a time.
     Inputs may be text of the same token length."""
-    clean, corrupted = _same_length(model, clean, corrupted)
-    names = _layer_names(model, stack, hook)
+    clean, corrupted = same_length(model, clean, corrupted)
+    names = layer_names(model, stack, hook)
     cache = clean_cache(model, clean, names)
     _, n_pos, n_heads, *_ = cache[names[0]].shape  # (batch, pos, n_heads, d_head)
     positions: list[int | slice] = list(range(n_pos)) if per_position else [slice(None)]
@@ -131,11 +132,11 @@ def patch_heads(
     for layer, name in enumerate(names):
         for i, pos in enumerate(positions):
             for head in range(n_heads):
-                out[layer, i, head] = _value(metric, patched_logits(model, corrupted, cache, name, (pos, head)))
+                out[layer, i, head] = metric_value(metric, patched_logits(model, corrupted, cache, name, (pos, head)))
     return out if per_position else out[:, 0]
 
 
-def _layer_names(model: Transformer, stack: str, hook: str) -> list[str]:
+def layer_names(model: Transformer, stack: str, hook: str) -> list[str]:
     """`{stack}blocks.{layer}.{hook}` for every layer, checked against the model's hook points."""
     names = [n for n in model.hook_dict if n.startswith(f"{stack}blocks.") and n.endswith(f".{hook}")]
     names = [n for n in names if n == f"{stack}blocks.{n[len(stack) :].split('.')[1]}.{hook}"]
