@@ -77,12 +77,18 @@ def longrope(
 ) -> tuple[Tensor, float]:
     """LongRoPE (Phi-3): each frequency divided by its own factor, `short_factor` up to original_n_ctx
     and `long_factor` past it; cos and sin scaled by sqrt(1 + log(factor) / log(original_n_ctx))."""
+    return inv_freq / torch.tensor(scaling[which], **TABLES), longrope_attention(scaling, n_ctx)
+
+
+def longrope_attention(scaling: Scaling, n_ctx: int) -> float:
+    """LongRoPE's cos/sin factor: `attention_factor`, else sqrt(1 + log(factor) / log(original_n_ctx)) with
+    factor n_ctx / original_n_ctx unless given (1 when not above 1)."""
     original = scaling["original_n_ctx"]
     factor = scaling.get("factor") or n_ctx / original
     attention = scaling.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return inv_freq / torch.tensor(scaling[which], **TABLES), float(attention)
+    return float(attention)
 
 
 FIXED: dict[str, Callable[[Tensor, float, Scaling, int], tuple[Tensor, float]]] = {
