@@ -7,7 +7,6 @@ Positions count real tokens, so a left-padded row decodes exactly as it would al
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from glassformer.cells.attention import AttentionMask
 from glassformer.errors import InputError
-from glassformer.hooks import ActivationCache, HookedRoot, HookPoint, HookSpec
+from glassformer.hooks import OVER_KEYS, ActivationCache, HookedRoot, HookPoint, HookSpec, pos_axis
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
 
@@ -201,27 +200,18 @@ def _step_recorder() -> tuple[list[HookSpec], dict[str, list[Tensor]]]:
     return [(lambda name: True, keep)], steps
 
 
-# Activations over (…, q_pos, k_pos), and what a step's unseen key slots hold once the steps are joined.
-OVER_KEYS = {
-    "hook_pattern": 0.0,
-    "hook_attn_scores": -math.inf,
-    "hook_attn_scores_capped": -math.inf,
-    "hook_position_bias": 0.0,
-}
-
-
 def _join_steps(steps: dict[str, list[Tensor]]) -> ActivationCache:
-    """Per-step activations joined over positions: the rest along pos (axis 1), those over keys along
-    q_pos (axis 2), each step's keys (the slots written by then) padded to the last step's with what
-    a mask gives an unseen key (`OVER_KEYS`); cross-attention keys and values, computed once, are
-    kept as they are."""
+    """Per-step activations joined along their position axis (`pos_axis`): those over keys along
+    q_pos, each step's keys (the slots written by then) padded to the last step's with what a mask
+    gives an unseen key (`OVER_KEYS`); cross-attention keys and values, computed once, and the
+    pooler are kept as they are."""
     joined = {}
     for name, parts in steps.items():
-        fill = OVER_KEYS.get(name.rsplit(".", 1)[-1])
-        if len(parts) == 1 or name.endswith("hook_pooled"):
+        axis = pos_axis(name)
+        if len(parts) == 1 or axis is None:
             joined[name] = parts[0]
-        elif fill is not None:
-            width = max(p.shape[-1] for p in parts)
+        elif axis == 2:
+            width, fill = max(p.shape[-1] for p in parts), OVER_KEYS[name.rsplit(".", 1)[-1]]
             joined[name] = torch.cat([F.pad(p, (0, width - p.shape[-1]), value=fill) for p in parts], dim=2)
         else:
             joined[name] = torch.cat(parts, dim=1)

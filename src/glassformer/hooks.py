@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -123,13 +124,20 @@ def short_name(name: str, layer: int | None = None, where: str | None = None) ->
     return [f"{stack}blocks.{layer}.{rel}" for stack in stacks]
 
 
+# Activations over (…, q_pos, k_pos), and what each holds for a key the mask hides.
+OVER_KEYS = {
+    "hook_pattern": 0.0,
+    "hook_attn_scores": -math.inf,
+    "hook_attn_scores_capped": -math.inf,
+    "hook_position_bias": 0.0,
+}
+
+
 def pos_axis(name: str) -> int | None:
     """The position axis of a hook's activation: the queries' for scores and patterns; None for the pooler."""
     if name.endswith("hook_pooled"):
         return None
-    if name.endswith(("hook_attn_scores", "hook_attn_scores_capped", "hook_pattern", "hook_position_bias")):
-        return 2
-    return 1
+    return 2 if name.endswith(tuple(OVER_KEYS)) else 1
 
 
 class ActivationCache(CacheAlgebra):
