@@ -29,17 +29,21 @@ def test_equals_f_linear(shape, with_bias):
 
 
 @onednn
-def test_onednn_runs_without_grad_and_autograd_gets_f_linear():
-    x, w = torch.randn(4, 16), torch.nn.Parameter(torch.randn(8, 16))
+def test_onednn_runs_with_and_without_autograd_and_its_gradients_are_f_linears():
+    x, w = torch.randn(2, 4, 16, requires_grad=True), torch.nn.Parameter(torch.randn(8, 16))
+    b = torch.nn.Parameter(torch.randn(8))
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w))
     with torch.inference_mode():
         assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w))
-    assert "mkldnn::_linear_pointwise" not in ops_run(lambda: linear(x, w))  # w needs a gradient
-    linear(x, w).square().sum().backward()
-    expected = torch.nn.Parameter(w.detach().clone())
-    F.linear(x, expected).square().sum().backward()
-    torch.testing.assert_close(w.grad, expected.grad)
+    assert "mkldnn::_linear_pointwise" in ops_run(lambda: linear(x, w, b))  # a plain script: autograd on
+    linear(x, w, b).square().sum().backward()
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    F.linear(x, w, b).square().sum().backward()
+    for mine, expected in zip(got, (x.grad, w.grad, b.grad), strict=True):
+        torch.testing.assert_close(mine, expected)
 
 
 def test_in_place_weight_edits_are_seen_at_once():

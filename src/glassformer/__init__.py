@@ -8,6 +8,8 @@ from glassformer.hooks import ActivationCache, HookPoint
 from glassformer.inspect.trace import Trace, trace
 from glassformer.memory import keep_freed_memory
 from glassformer.model import Transformer
+from glassformer.quantize import quantize
+from glassformer.quantized import QuantizedWeight
 
 __all__ = [
     "ActivationCache",
@@ -22,6 +24,8 @@ __all__ = [
     "InputError",
     "keep_freed_memory",
     "parallel",
+    "quantize",
+    "QuantizedWeight",
     "Trace",
     "Transformer",
     "trace",

@@ -1,19 +1,25 @@
-"""The one matrix product behind every weight: `F.linear`, run by oneDNN on CPU when no gradient
-can be needed.
+"""The one matrix product behind every weight: `F.linear`, run by oneDNN on CPU, or by the low-bit
+kernel when the weight is a `QuantizedWeight`.
 
 oneDNN's float32 inner product reads the ordinary (out_features, in_features) weight as it is, so
 there is no packed copy to fall out of step when a weight is edited in place, and on the CPU
 measured for bench/RESULTS.md it is 1.3-2.3x faster than the MKL sgemm behind `F.linear` (the
-unembedding and one-row decoding gain most). It has no backward: whenever autograd could need one,
-`F.linear` runs. Under `torch.compile` it is called as an opaque operator, which the compiler
-leaves as it is.
+unembedding and one-row decoding gain most). With autograd on (a plain script's `model(tokens)`, or
+training) the same forward runs, and the backward is two ordinary products. A quantized weight never
+needs a gradient itself; when the activations do (attribution patching, `backward_metric`), the
+product's backward uses the weight's float values. Under `torch.compile` the oneDNN call is an
+opaque operator, which the compiler leaves as it is.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from glassformer.quantized import QuantizedWeight
 
 # Set to False to run every product through F.linear (e.g. to compare the two).
 use_onednn: bool = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -34,17 +40,58 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+class _OneDNNProduct(torch.autograd.Function):
+    """The oneDNN forward where autograd is recording; its backward is the usual pair of products."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # (tokens, out_features)
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None  # (..., in_features)
+        grad_w = rows.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None  # (out, in)
+        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None  # (out_features,)
+        return grad_x, grad_w, grad_b
+
+
+class _QuantizedProduct(torch.autograd.Function):
+    """The low-bit product, with a backward to the activations (and bias) through the float weight."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: QuantizedWeight, bias: Tensor | None) -> Tensor:
+        return weight.product(x, bias)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.weight, ctx.has_bias = inputs[1], inputs[2] is not None
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, Tensor | None]:
+        grad_x = grad @ ctx.weight.dequantize().to(grad.dtype)  # (..., in_features)
+        return grad_x, None, grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`x @ weight.T + bias`, as `F.linear`; (..., in_features) -> (..., out_features)."""
-    if (
-        use_onednn
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not (
-            torch.is_grad_enabled()
-            and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-        )
-    ):
-        # The eager call skips the operator's dispatch cost (measurable at decoding's ~50 calls per token).
-        return _onednn_op(x, weight, bias) if torch.compiler.is_compiling() else _onednn(x, weight, bias)
-    return F.linear(x, weight, bias)
+    if isinstance(weight, QuantizedWeight):
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _QuantizedProduct.apply(x, weight, bias)
+        return weight.product(x, bias)
+    if not (use_onednn and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias) if torch.is_grad_enabled() else _onednn_op(x, weight, bias)
+    tracked = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and tracked:
+        return _OneDNNProduct.apply(x, weight, bias)
+    # The eager call skips the operator's dispatch cost (measurable at decoding's ~50 calls per token).
+    return _onednn(x, weight, bias)

@@ -23,6 +23,7 @@ from glassformer.cells.position import PosEmbed, Rotary
 from glassformer.cells.relative_position import RelativePositionBias
 from glassformer.chat import ChatSession, Message, chat
 from glassformer.checkpoints.gguf import read_gguf, write_gguf
+from glassformer.checkpoints.gguf_schemes import gguf_plan
 from glassformer.checkpoints.hf import read_hf, to_hf
 from glassformer.checkpoints.native import check_state, read, write
 from glassformer.config import Config
@@ -32,6 +33,7 @@ from glassformer.generate import generate, stream
 from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
+from glassformer.quantize import apply, product_weights, quantize
 from glassformer.text import Text, TextIO, generate_text, is_text, stream_text
 from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 
@@ -162,11 +164,25 @@ class Transformer(Circuits, TextIO, HookedRoot):
         return cls.from_state(cfg, state, name, directory_tokenizer(source))
 
     @classmethod
-    def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-        """Open a GGUF file (llama.cpp's format): weights dequantized to `dtype`, its tokenizer and
-        chat template attached."""
+    def from_gguf(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, weights: str = "dequantize"
+    ) -> Transformer:
+        """Open a GGUF file (llama.cpp's format), its tokenizer and chat template attached. `weights`:
+        "dequantize" (to `dtype`) or "keep" (each quantized matrix stays low-bit: int4 or int8 per 32
+        columns, see checkpoints/gguf_schemes.py; activations float32)."""
+        if weights not in ("dequantize", "keep"):
+            raise InputError(f'weights must be "dequantize" or "keep", got {weights!r}')
+        if weights == "keep" and dtype != torch.float32:
+            raise InputError(f'weights="keep" computes in float32; leave dtype at its default (got {dtype})')
         cfg, state, tokenizer = read_gguf(path, dtype)
-        return cls.from_state(cfg, state, str(path), tokenizer)
+        model = cls.from_state(cfg, state, str(path), tokenizer)
+        return apply(model, gguf_plan(path, product_weights(model))) if weights == "keep" else model
+
+    def quantize(
+        self, scheme: str = "int8", group_size: int | None = None, embeddings: str | None = None
+    ) -> Transformer:
+        """`glassformer.quantize.quantize(self, …)`: every product weight stored in low bits, in place."""
+        return quantize(self, scheme, group_size, embeddings)
 
     def to_hf(self, directory: str | Path) -> Path:
         """Write this decoder (or T5-shaped encoder-decoder) as a Hugging Face checkpoint (GPT-2,
