@@ -36,7 +36,7 @@ from glassformer.errors import InputError
 
 BITS = {"bf16": 16, "int8": 8, "int4": 4}
 BLOCK = 32  # columns per packed block; every group is a whole number of blocks
-ROWS_FOR_GEMM = 4  # above this many rows a product dequantizes the matrix and runs a float GEMM (measured)
+ROWS_FOR_GEMM = 32  # above this many rows a product dequantizes the matrix and runs a float GEMM
 
 
 def _library() -> ctypes.CDLL | None:

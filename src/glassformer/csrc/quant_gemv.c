@@ -190,9 +190,21 @@ void gf_dequantize(int bits, const void *q, const float *scale, const float *min
     for (int n = 0; n < N; n++) {
         const uint8_t *qrow = (const uint8_t *)q + (int64_t)n * row_bytes;
         float *wrow = w + (int64_t)n * K;
-        for (int k = 0; k < K; k++) {
-            int g = k / group;
-            wrow[k] = weight_at(bits, qrow, k) * scale[(int64_t)n * G + g] + min[(int64_t)n * G + g];
+        for (int k = 0; k < K; k += 32) {
+            float s = scale[(int64_t)n * G + k / group], m = min[(int64_t)n * G + k / group];
+#ifdef __AVX512F__
+            __m512 lo, hi;
+            if (bits == 4)
+                load_int4(qrow + k / 2, &lo, &hi);
+            else if (bits == 8)
+                load_int8((const int8_t *)qrow + k, &lo, &hi);
+            else
+                load_bf16((const uint16_t *)qrow + k, &lo, &hi);
+            _mm512_storeu_ps(wrow + k, _mm512_fmadd_ps(lo, _mm512_set1_ps(s), _mm512_set1_ps(m)));
+            _mm512_storeu_ps(wrow + k + 16, _mm512_fmadd_ps(hi, _mm512_set1_ps(s), _mm512_set1_ps(m)));
+#else
+            for (int i = 0; i < 32; i++) wrow[k + i] = weight_at(bits, qrow, k + i) * s + m;
+#endif
         }
     }
 }
