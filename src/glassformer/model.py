@@ -34,6 +34,7 @@ from glassformer.hooks import HookedRoot, HookPoint
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
 from glassformer.quantize import apply, product_weights, quantize
+from glassformer.quantized import dense
 from glassformer.text import Text, TextIO, generate_text, is_text, stream_text
 from glassformer.tokenizer import TextTokenizer, directory_tokenizer
 
@@ -184,11 +185,15 @@ class Transformer(Circuits, TextIO, HookedRoot):
         """`glassformer.quantize.quantize(self, …)`: every product weight stored in low bits, in place."""
         return quantize(self, scheme, group_size, embeddings)
 
+    def float_state(self) -> dict[str, Tensor]:
+        """`state_dict()` with every quantized weight as its float values: what checkpoints store."""
+        return {name: dense(t) for name, t in self.state_dict().items()}
+
     def to_hf(self, directory: str | Path) -> Path:
         """Write this decoder (or T5-shaped encoder-decoder) as a Hugging Face checkpoint (GPT-2,
         Llama/Qwen2, GPT-NeoX, T5, … layout, whichever fits the config) that `transformers` opens with
         the same numbers."""
-        directory = to_hf(self.cfg, self.state_dict(), directory)
+        directory = to_hf(self.cfg, self.float_state(), directory)
         if self.tokenizer is not None:
             self.tokenizer.save(directory)
         return directory
@@ -197,14 +202,14 @@ class Transformer(Circuits, TextIO, HookedRoot):
         """Write this decoder (or T5-shaped encoder-decoder) as a GGUF file ("f32", "f16" or "q8_0" weights)
         that llama.cpp, Ollama and `transformers` open; the tokenizer and chat template go along when the model
         has one."""
-        return write_gguf(self.cfg, self.state_dict(), self.tokenizer, path, dtype)
+        return write_gguf(self.cfg, self.float_state(), self.tokenizer, path, dtype)
 
     def save(self, directory: str | Path) -> Path:
         """Write `config.json`, `model.safetensors` (and the tokenizer files) into `directory`, each
         atomically. A model split by `glassformer.parallel` is gathered whole: every process of its
         group calls this, the first writes."""
         tp = getattr(self, "tp", None)
-        state = self.state_dict() if tp is None else tp.gather_state(self.cfg, self.state_dict())
+        state = self.float_state() if tp is None else tp.gather_state(self.cfg, self.state_dict())
         if tp is None or tp.rank == 0:
             write(self.cfg, state, directory)
             if self.tokenizer is not None:
