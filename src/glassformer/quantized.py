@@ -186,17 +186,25 @@ class QuantizedWeight(torch.Tensor):
             # An in-place edit (copy_, mul_, zero_ ...) runs on the floats and is stored back quantized.
             target = dense[0][0]
             func(*dense[0], **dense[1])
-            first._store(quantize_weight(target, first.scheme, first.group if first.bits != 16 else None))
+            first._store(quantize_weight(target, first.scheme, first.group))
             return first
         return func(*dense[0], **dense[1])
 
     def _store(self, other: QuantizedWeight) -> None:
-        self.codes, self.scale, self.min = other.codes, other.scale, other.min
+        self.codes, self.scale, self.min, self.group = other.codes, other.scale, other.min, other.group
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        """`W[idx] = value` (an ablation's usual form): set on the floats, stored back quantized. A view
+        reads floats but writes nowhere: `W[:, 0].zero_()` is lost, `W[:, 0] = 0` is kept."""
+        with torch.no_grad():
+            values = self.dequantize().clone()
+            values[index] = value
+            self._store(quantize_weight(values, self.scheme, self.group))
 
 
 def _pad_columns(w: Tensor, multiple: int) -> Tensor:
     k = w.shape[1]
-    return F.pad(w, (0, -k % multiple)) if k % multiple else w
+    return torch.cat([w, w[:, -1:].expand(-1, -k % multiple)], dim=1) if k % multiple else w
 
 
 def quantize_weight(weight: Tensor, scheme: str, group_size: int | None = None) -> QuantizedWeight:
@@ -216,7 +224,8 @@ def quantize_weight(weight: Tensor, scheme: str, group_size: int | None = None) 
     if group_size is not None and (group_size <= 0 or group_size % BLOCK):
         raise InputError(f"group_size must be a positive multiple of {BLOCK}, got {group_size}")
     group = group_size or math.ceil(k / BLOCK) * BLOCK  # None: one group per row
-    padded = _pad_columns(w, group)  # (N, K_padded)
+    padded = _pad_columns(w, group)  # (N, K_padded); the padding repeats the last column, so a short
+    # last group keeps its own range (its inputs are zero-padded: those columns never count)
     grouped = padded.view(n, -1, group)  # (N, groups, group)
     if bits == 16:
         codes = padded.to(torch.bfloat16).view(torch.uint8)  # (N, 2 K_padded)
