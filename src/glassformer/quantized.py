@@ -64,7 +64,7 @@ def _library() -> ctypes.CDLL | None:
             os.replace(Path(tmp) / "k.so", built)  # atomic: a concurrent process sees all of it or nothing
     lib = ctypes.CDLL(str(built))
     ptr, i = ctypes.c_void_p, ctypes.c_int
-    lib.gf_quant_matmul.argtypes = [i, ptr, i, i, ptr, ptr, ptr, i, i, ptr, ptr, ptr, i]
+    lib.gf_quant_matmul.argtypes = [i, ptr, i, i, ptr, ptr, ptr, i, i, ptr, ptr, i]
     lib.gf_quant_matmul.restype = None
     lib.gf_dequantize.argtypes = [i, ptr, ptr, ptr, i, i, i, ptr, i]
     lib.gf_dequantize.restype = None
@@ -94,12 +94,14 @@ class QuantizedWeight(torch.Tensor):
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.float32, device=codes.device)
 
     def __init__(self, codes: Tensor, scale: Tensor, min: Tensor, bits: int, group: int, shape: torch.Size):
-        self.codes, self.scale, self.min, self.bits, self.group = codes, scale, min, bits, group
+        self.bits = bits
+        self._store_parts(codes, scale, min, group)
 
-    @property
-    def padded(self) -> int:
-        """Columns as stored: in_features rounded up to a whole group."""
-        return self.codes.shape[1] * 8 // self.bits
+    def _store_parts(self, codes: Tensor, scale: Tensor, min: Tensor, group: int) -> None:
+        self.codes, self.scale, self.min, self.group = codes, scale, min, group
+        self.padded = codes.shape[1] * 8 // self.bits  # columns as stored: in_features rounded up to a group
+        # what every product passes to the kernel, found once (decoding makes ~200 products a token)
+        self._parts = (_ptr(codes), _ptr(scale), _ptr(min), self.shape[0], group)
 
     @property
     def scheme(self) -> str:
@@ -154,21 +156,24 @@ class QuantizedWeight(torch.Tensor):
     def product(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x (..., in_features) @ self.T + bias, in float32 on the codes; (..., out_features)."""
         n, k = self.shape
-        flat = x.reshape(-1, k).float()  # (rows, in_features)
+        flat = x.reshape(-1, k)  # (rows, in_features)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
         rows = flat.shape[0]
         if KERNEL is None or x.device.type != "cpu" or rows > ROWS_FOR_GEMM:
             out = F.linear(flat, self.dequantize(), None if bias is None else bias.float())  # (rows, out_features)
         else:
             if self.padded != k:
                 flat = F.pad(flat, (0, self.padded - k))
-            flat = flat.contiguous()
+            if not flat.is_contiguous():
+                flat = flat.contiguous()
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                bias = bias.float().contiguous()
             out = torch.empty(rows, n)  # (rows, out_features)
-            work = torch.empty(rows * self.scale.shape[1])
-            b = None if bias is None else bias.float().contiguous()
-            KERNEL.gf_quant_matmul(self.bits, _ptr(flat), rows, self.padded, _ptr(self.codes), _ptr(self.scale),
-                                   _ptr(self.min), n, self.group, _ptr(b), _ptr(out), _ptr(work),
-                                   torch.get_num_threads())
-        return out.to(x.dtype).view(*x.shape[:-1], n)
+            codes, scale, min, _, group = self._parts
+            KERNEL.gf_quant_matmul(self.bits, flat.data_ptr(), rows, self.padded, codes, scale, min, n, group,
+                                   _ptr(bias), out.data_ptr(), torch.get_num_threads())
+        return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*x.shape[:-1], n)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -191,7 +196,7 @@ class QuantizedWeight(torch.Tensor):
         return func(*dense[0], **dense[1])
 
     def _store(self, other: QuantizedWeight) -> None:
-        self.codes, self.scale, self.min, self.group = other.codes, other.scale, other.min, other.group
+        self._store_parts(other.codes, other.scale, other.min, other.group)
 
     def __setitem__(self, index: Any, value: Any) -> None:
         """`W[idx] = value` (an ablation's usual form): set on the floats, stored back quantized. A view

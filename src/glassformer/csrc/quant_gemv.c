@@ -12,6 +12,7 @@
    weights is decoded once per four rows. Threads split the rows of W.
    Compiled on the machine that runs it (-march=native); without AVX-512 the plain loops are used. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -143,10 +144,9 @@ DOTS(16)
 typedef void (*dots_fn)(const void *const *, const float *const *, const float *const *, int, int,
                         const float *const *, const float *const *, float[][MR]);
 
-/* y (M, N) = x (M, K) @ W.T + bias (bias may be NULL); `work` holds M * K / group floats. */
+/* y (M, N) = x (M, K) @ W.T + bias (bias may be NULL). */
 void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, const float *scale,
-                     const float *min, int N, int group, const float *bias, float *y, float *work,
-                     int threads) {
+                     const float *min, int N, int group, const float *bias, float *y, int threads) {
     int G = K / group;
     int64_t row_bytes = (int64_t)K * bits / 8;
     int single = M == 1;
@@ -154,6 +154,8 @@ void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, cons
                  : bits == 8 ? (single ? dots_8_1 : dots_8_4)
                              : (single ? dots_16_1 : dots_16_4);
     int nr = single ? 4 : 1, mr = single ? 1 : MR;
+    float *work = malloc(sizeof(float) * (size_t)M * G); /* each row's sum over each group */
+    if (!work) return;
     group_sums(x, M, K, group, work);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n0 = 0; n0 < N; n0 += nr) {
@@ -179,6 +181,7 @@ void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, cons
                     y[(int64_t)(m0 + r) * N + n0 + j] = out[j][r] + (bias ? bias[n0 + j] : 0.f);
         }
     }
+    free(work);
 }
 
 /* W (N, K) as floats, for products with many rows (where a float GEMM beats row dots). */
