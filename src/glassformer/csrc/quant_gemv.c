@@ -8,8 +8,8 @@
 
    y (M, N) = x (M, K) @ W.T (+ bias): the sum of each group is taken on float activations first and
    scaled once, so  y = sum_g scale_g * (x_g . q_g) + min_g * sum(x_g). One row of x is run against
-   four rows of W at a time (decoding); more rows of x are taken four at a time, so each group of
-   weights is decoded once per four rows. Threads split the rows of W.
+   four rows of W at a time (decoding); more rows of x are taken four or eight at a time, so each group
+   of weights is decoded once per four or eight rows. Threads split the rows of W.
    Compiled on the machine that runs it (-march=native); without AVX-512 the plain loops are used. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-#define MR 4 /* rows of x per pass over a row of W */
+#define MR 8 /* the most rows of x per pass over a row of W */
 
 /* sums[m * G + g] = sum of x[m] over group g */
 static void group_sums(const float *x, int M, int K, int group, float *sums) {
@@ -127,7 +127,7 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
 #endif
 }
 
-/* The specialised loops: one row of x against four rows of W, or four rows of x against one. */
+/* The specialised loops: one row of x against four rows of W, or four (eight) rows of x against one. */
 #define DOTS(BITS)                                                                                       \
     static void dots_##BITS##_1(const void *const *q, const float *const *sc, const float *const *mn, int K,   \
                                 int group, const float *const *xs, const float *const *sums, float out[][MR]) { \
@@ -136,6 +136,10 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
     static void dots_##BITS##_4(const void *const *q, const float *const *sc, const float *const *mn, int K,   \
                                 int group, const float *const *xs, const float *const *sums, float out[][MR]) { \
         dots(BITS, 1, 4, q, sc, mn, K, group, xs, sums, out);                                           \
+    }                                                                                                    \
+    static void dots_##BITS##_8(const void *const *q, const float *const *sc, const float *const *mn, int K,   \
+                                int group, const float *const *xs, const float *const *sums, float out[][MR]) { \
+        dots(BITS, 1, 8, q, sc, mn, K, group, xs, sums, out);                                           \
     }
 DOTS(4)
 DOTS(8)
@@ -149,11 +153,10 @@ void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, cons
                      const float *min, int N, int group, const float *bias, float *y, int threads) {
     int G = K / group;
     int64_t row_bytes = (int64_t)K * bits / 8;
-    int single = M == 1;
-    dots_fn fn = bits == 4 ? (single ? dots_4_1 : dots_4_4)
-                 : bits == 8 ? (single ? dots_8_1 : dots_8_4)
-                             : (single ? dots_16_1 : dots_16_4);
-    int nr = single ? 4 : 1, mr = single ? 1 : MR;
+    int mr = M == 1 ? 1 : M < 8 ? 4 : 8, nr = M == 1 ? 4 : 1;
+    dots_fn table[3][3] = {{dots_4_1, dots_4_4, dots_4_8}, {dots_8_1, dots_8_4, dots_8_8},
+                           {dots_16_1, dots_16_4, dots_16_8}};
+    dots_fn fn = table[bits == 4 ? 0 : bits == 8 ? 1 : 2][mr == 1 ? 0 : mr == 4 ? 1 : 2];
     float *work = malloc(sizeof(float) * (size_t)M * G); /* each row's sum over each group */
     if (!work) return;
     group_sums(x, M, K, group, work);
