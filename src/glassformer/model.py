@@ -179,9 +179,7 @@ class Transformer(Circuits, TextIO, HookedRoot):
         model = cls.from_state(cfg, state, str(path), tokenizer)
         return apply(model, gguf_plan(path, product_weights(model))) if weights == "keep" else model
 
-    def quantize(
-        self, scheme: str = "int8", group_size: int | None = None, embeddings: str | None = None
-    ) -> Transformer:
+    def quantize(self, scheme: str = "int8", group_size: int | str = 32, embeddings: str | None = None) -> Transformer:
         """`glassformer.quantize.quantize(self, …)`: every product weight stored in low bits, in place."""
         return quantize(self, scheme, group_size, embeddings)
 
