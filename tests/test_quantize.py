@@ -263,3 +263,22 @@ def test_int8_groups_of_32_by_default_or_one_scale_per_row(float_model):
     assert grouped[name].group == 32 and per_row[name].scale.shape[1] == 1
     with pytest.raises(InputError, match='group_size="row" is int8'):
         quantized(float_model, "int4", group_size="row")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_trace_patching_and_attribution_run_on_a_quantized_model(float_model, scheme):
+    from glassformer.inspect.attribution_patching import attribution_patching
+    from glassformer.inspect.patching import patch_heads
+
+    model = quantized(float_model, scheme)
+    traced = gf.trace(model, TOKENS[:1])
+    assert "hook_pattern" in str(traced)
+    clean, corrupted = TOKENS[:1], TOKENS[1:2]
+
+    def metric(logits):
+        return (logits[:, -1, 3] - logits[:, -1, 4]).mean()
+
+    real = patch_heads(model, clean, corrupted, metric)
+    estimate = attribution_patching(model, clean, corrupted, metric).values
+    assert real.shape == estimate.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    assert torch.isfinite(estimate).all() and estimate.abs().sum() > 0  # gradients crossed the low-bit products
