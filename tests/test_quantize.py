@@ -282,3 +282,9 @@ def test_trace_patching_and_attribution_run_on_a_quantized_model(float_model, sc
     estimate = attribution_patching(model, clean, corrupted, metric).values
     assert real.shape == estimate.shape == (model.cfg.n_layers, model.cfg.n_heads)
     assert torch.isfinite(estimate).all() and estimate.abs().sum() > 0  # gradients crossed the low-bit products
+
+
+def test_compiled_decoding_of_a_quantized_model_is_refused_clearly(float_model):
+    model = quantized(float_model, "int4")
+    with pytest.raises(InputError, match="compile=True does not support a quantized model"):
+        model.generate(TOKENS[:1], 2, compile=True)

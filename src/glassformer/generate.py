@@ -19,6 +19,7 @@ from glassformer.errors import InputError
 from glassformer.hooks import OVER_KEYS, ActivationCache, HookedRoot, HookPoint, HookSpec, pos_axis
 from glassformer.inputs import check_mask, check_tokens
 from glassformer.kv_cache import KVCache
+from glassformer.quantized import QuantizedWeight
 
 
 def sample(
@@ -157,6 +158,10 @@ def stream(
     _check_options(model, max_new_tokens, temperature, top_k, top_p)
     stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = (stops or [None])[0] if pad_token_id is None else pad_token_id
+    if compile and any(isinstance(p, QuantizedWeight) for p in model.parameters()):
+        # the low-bit product is a ctypes call: the compiler would break the graph at each of them and
+        # recompile for every weight (its pointers become guards), slower than eager
+        raise InputError("compile=True does not support a quantized model yet; decode it eagerly (the default)")
     step = torch.compile(model.decode, dynamic=False) if compile else model.decode
     with model.hooks(fwd_hooks):  # the encoder's pass, the prefill and every step
         prompt, valid, cache, encoder_out, encoder_mask = _start(
