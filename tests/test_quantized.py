@@ -2,6 +2,7 @@
 PyTorch fallback) against the dense product, and its behaviour as a float tensor."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ SCHEME_IDS = [f"{s}-{g}" for s, g in SCHEMES]
 @pytest.fixture(params=["kernel", "pytorch"])
 def path(request, monkeypatch):
     """The compiled kernel, or the PyTorch code that runs without a C compiler."""
-    if request.param == "kernel" and quantized.KERNEL is None:
+    if request.param == "kernel" and quantized._kernel() is None:
         pytest.skip("the quantized-product kernel did not compile on this machine")
     if request.param == "pytorch":
         monkeypatch.setattr(quantized, "KERNEL", None)
@@ -124,7 +125,7 @@ def test_product_equals_the_dense_product(path, shape, scheme, group_size):
 
 
 def test_kernel_and_fallback_give_the_same_products(monkeypatch):
-    if quantized.KERNEL is None:
+    if quantized._kernel() is None:
         pytest.skip("the quantized-product kernel did not compile on this machine")
     q = quantize_weight(weight((37, 200)), "int4", 64)
     x = weight((3, 200), seed=1)
@@ -236,3 +237,21 @@ def test_gradients_reach_the_activations_and_bias(path, scheme, rows):
 def test_bad_input_is_refused(args, message):
     with pytest.raises(InputError, match=message):
         quantize_weight(*args)
+
+
+def test_a_kernel_that_cannot_be_built_leaves_pytorch_running_the_products(monkeypatch, tmp_path):
+    monkeypatch.setenv("GLASSFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    with pytest.warns(UserWarning, match="did not build"):
+        assert quantized._library() is None
+    monkeypatch.setenv("GLASSFORMER_CACHE", "/proc/no-such-place")  # cannot even be created
+    with pytest.warns(UserWarning, match="did not build"):
+        assert quantized._library() is None
+
+
+def test_the_kernel_is_built_into_the_cache_directory(monkeypatch, tmp_path):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("GLASSFORMER_CACHE", str(tmp_path))
+    assert quantized._library() is not None
+    assert len(list(tmp_path.glob("quant_gemv-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))

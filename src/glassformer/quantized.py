@@ -39,29 +39,45 @@ BLOCK = 32  # columns per packed block; every group is a whole number of blocks
 ROWS_FOR_GEMM = 32  # above this many rows a product dequantizes the matrix and runs a float GEMM
 
 
-def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use for this machine's CPU; None without a C compiler."""
-    source = files("glassformer").joinpath("csrc/quant_gemv.c").read_bytes()
+def _build(source: bytes, built: Path) -> bool:
+    """Compile `source` into `built` (atomically); False, with a warning, when it cannot be."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or platform.system() != "Linux":
+    if compiler is None:
+        warnings.warn("glassformer: no C compiler, so quantized products run in PyTorch (slower)", stacklevel=4)
+        return False
+    try:
+        built.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
+            (Path(tmp) / "quant_gemv.c").write_bytes(source)
+            done = subprocess.run(
+                [compiler, *FLAGS, str(Path(tmp) / "quant_gemv.c"), "-o", str(Path(tmp) / "k.so")],
+                capture_output=True,
+                timeout=300,
+            )
+            if done.returncode == 0:
+                os.replace(Path(tmp) / "k.so", built)  # atomic: a concurrent process sees all of it or nothing
+                return True
+            reason = done.stderr[-300:].decode(errors="replace")
+    except (OSError, subprocess.SubprocessError) as err:
+        reason = str(err)
+    warnings.warn(f"glassformer: the quantized-product kernel did not build ({reason}); quantized products "
+                  "run in PyTorch (slower)", stacklevel=4)
+    return False
+
+
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use for this machine's CPU (under ~/.cache/glassformer,
+    or GLASSFORMER_CACHE); None where it cannot be built or loaded (PyTorch runs the products)."""
+    if platform.system() != "Linux":
         return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else platform.processor()
-    flags_line = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu[:200])
-    key = hashlib.sha256(source + " ".join(flags).encode() + flags_line.encode()).hexdigest()[:16]
+    source = files("glassformer").joinpath("csrc/quant_gemv.c").read_bytes()
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags_line = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + flags_line.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GLASSFORMER_CACHE", Path.home() / ".cache" / "glassformer"))
     built = cache / f"quant_gemv-{key}.so"
-    if not built.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "quant_gemv.c"
-            src.write_bytes(source)
-            done = subprocess.run([compiler, *flags, str(src), "-o", str(Path(tmp) / "k.so")], capture_output=True)
-            if done.returncode != 0:
-                warnings.warn(f"glassformer: the quantized-product kernel did not compile ({done.stderr[-300:]!r}); "
-                              "quantized products run in PyTorch (slower)", stacklevel=3)
-                return None
-            os.replace(Path(tmp) / "k.so", built)  # atomic: a concurrent process sees all of it or nothing
+    if not built.exists() and not _build(source, built):
+        return None
     lib = ctypes.CDLL(str(built))
     ptr, i = ctypes.c_void_p, ctypes.c_int
     lib.gf_quant_matmul.argtypes = [i, ptr, i, i, ptr, ptr, ptr, i, i, ptr, ptr, i]
@@ -71,7 +87,18 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-KERNEL: ctypes.CDLL | None = _library()
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+UNLOADED = object()
+# The kernel library: loaded (built, the first time on a machine) by the first quantized product, so
+# importing glassformer compiles nothing. None runs every product in PyTorch (tests set it so).
+KERNEL: Any = UNLOADED
+
+
+def _kernel() -> ctypes.CDLL | None:
+    global KERNEL
+    if KERNEL is UNLOADED:
+        KERNEL = _library()
+    return KERNEL
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -126,9 +153,10 @@ class QuantizedWeight(torch.Tensor):
     def dequantize(self) -> Tensor:
         """The float32 matrix (out_features, in_features)."""
         n, k = self.shape
-        if KERNEL is not None and self.codes.device.type == "cpu":
+        kernel = _kernel() if self.codes.device.type == "cpu" else None
+        if kernel is not None:
             out = torch.empty(n, self.padded)  # (N, K_padded)
-            KERNEL.gf_dequantize(self.bits, _ptr(self.codes), _ptr(self.scale), _ptr(self.min), n, self.padded,
+            kernel.gf_dequantize(self.bits, _ptr(self.codes), _ptr(self.scale), _ptr(self.min), n, self.padded,
                                  self.group, _ptr(out), torch.get_num_threads())
         else:
             out = self._dequantize_rows(self.codes, self.scale, self.min)
@@ -160,7 +188,8 @@ class QuantizedWeight(torch.Tensor):
         if flat.dtype != torch.float32:
             flat = flat.float()
         rows = flat.shape[0]
-        if KERNEL is None or x.device.type != "cpu" or rows > ROWS_FOR_GEMM:
+        kernel = _kernel() if x.device.type == "cpu" and rows <= ROWS_FOR_GEMM else None
+        if kernel is None:
             out = F.linear(flat, self.dequantize(), None if bias is None else bias.float())  # (rows, out_features)
         else:
             if self.padded != k:
@@ -171,7 +200,7 @@ class QuantizedWeight(torch.Tensor):
                 bias = bias.float().contiguous()
             out = torch.empty(rows, n)  # (rows, out_features)
             codes, scale, min, _, group = self._parts
-            KERNEL.gf_quant_matmul(self.bits, flat.data_ptr(), rows, self.padded, codes, scale, min, n, group,
+            kernel.gf_quant_matmul(self.bits, flat.data_ptr(), rows, self.padded, codes, scale, min, n, group,
                                    _ptr(bias), out.data_ptr(), torch.get_num_threads())
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*x.shape[:-1], n)
 
