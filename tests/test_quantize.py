@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import glassformer as gf  # noqa: E402
 from glassformer.checkpoints import gguf as gguf_module  # noqa: E402
+from glassformer.checkpoints.gguf import read_gguf  # noqa: E402
 from glassformer.checkpoints.gguf_schemes import gguf_plan  # noqa: E402
 from glassformer.errors import InputError  # noqa: E402
 from glassformer.opening import default_model_path  # noqa: E402
@@ -234,7 +235,7 @@ def test_gguf_plan_maps_block_types_to_schemes(float_model, tmp_path, kind, monk
     path = write(float_model, tmp_path / f"{kind}.gguf", kind, monkeypatch)
     names = product_weights(float_model)
     scheme = WRITTEN[kind][0]
-    assert gguf_plan(path, names) == ({} if scheme is None else {name: (scheme, 32) for name in names})
+    assert gguf_plan(read_gguf(path)[3], names) == ({} if scheme is None else {name: (scheme, 32) for name in names})
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_1"])

@@ -175,9 +175,9 @@ class Transformer(Circuits, TextIO, HookedRoot):
             raise InputError(f'weights must be "dequantize" or "keep", got {weights!r}')
         if weights == "keep" and dtype != torch.float32:
             raise InputError(f'weights="keep" computes in float32; leave dtype at its default (got {dtype})')
-        cfg, state, tokenizer = read_gguf(path, dtype)
+        cfg, state, tokenizer, kinds = read_gguf(path, dtype)
         model = cls.from_state(cfg, state, str(path), tokenizer)
-        return apply(model, gguf_plan(path, product_weights(model))) if weights == "keep" else model
+        return apply(model, gguf_plan(kinds, product_weights(model))) if weights == "keep" else model
 
     def quantize(self, scheme: str = "int8", group_size: int | str = 32, embeddings: str | None = None) -> Transformer:
         """`glassformer.quantize.quantize(self, …)`: every product weight stored in low bits, in place."""

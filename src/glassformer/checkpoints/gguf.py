@@ -565,11 +565,15 @@ def dequantized(tensor: gguf.ReaderTensor, dtype: torch.dtype, name: str) -> Ten
     return torch.from_numpy(values).to(dtype)
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Config, dict[str, Tensor], TextTokenizer]:
-    """(Config, state dict, tokenizer) of a GGUF file: metadata -> config, dequantized tensors ->
-    weights (the Q/K permutation undone), tokenizer and chat template from the metadata."""
+def read_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[Config, dict[str, Tensor], TextTokenizer, dict[str, gguf.GGMLQuantizationType]]:
+    """(Config, state dict, tokenizer, block types) of a GGUF file: metadata -> config, dequantized
+    tensors -> weights (the Q/K permutation undone), tokenizer and chat template from the metadata,
+    and each weight matrix's block type under its file name (what `weights="keep"` keeps)."""
     name = str(path)
     reader = open_reader(path)
+    kinds = {t.name: t.tensor_type for t in reader.tensors if len(t.shape) == 2}
     meta = read_metadata(reader)
     architecture = meta.get("general.architecture")
     if architecture not in ARCHITECTURES:
@@ -582,7 +586,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Con
     del reader, meta  # the parsed fields and the mapped file are not held while the weights are converted
     cfg, state = convert(hf, tensors, name)
     cfg.extra["gguf_architecture"] = architecture
-    return cfg, state, tokenizer
+    return cfg, state, tokenizer, kinds
 
 
 def hf_tensors(

@@ -11,12 +11,9 @@ A matrix built from several file tensors (attention's fused QKV) takes the fines
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 
 from gguf import GGMLQuantizationType as T
-
-from glassformer.checkpoints.gguf import open_reader
 
 INT4 = {T.Q4_0, T.Q4_1, T.Q4_K, T.Q2_K, T.Q3_K}
 INT8 = {T.Q5_0, T.Q5_1, T.Q5_K, T.Q6_K, T.Q8_0, T.Q8_1, T.Q8_K}
@@ -39,18 +36,17 @@ def scheme_of(kind: T) -> str | None:
     return "int4" if kind in INT4 else "int8" if kind in INT8 else None
 
 
-def gguf_plan(path: str | Path, names: Iterable[str]) -> dict[str, tuple[str, int]]:
-    """`{our weight name: (scheme, group_size)}` for the product weights `names` of the model read
-    from `path`; weights the file stores as float are left out (they stay float32)."""
+def gguf_plan(stored: Mapping[str, T], names: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """`{our weight name: (scheme, group_size)}` for the product weights `names` of a model read from
+    a GGUF file whose weight matrices have the block types `stored` (by file name: `read_gguf`'s
+    fourth result); weights the file stores as float are left out (they stay float32)."""
     kinds: dict[str, list[str | None]] = {}
     counts: dict[str | None, int] = {}
-    for tensor in open_reader(path).tensors:
-        if len(tensor.shape) != 2:
-            continue
-        scheme = scheme_of(tensor.tensor_type)
+    for file_name, kind in stored.items():
+        scheme = scheme_of(kind)
         counts[scheme] = counts.get(scheme, 0) + 1
         for pattern, ours in NAMES:
-            match = pattern.fullmatch(tensor.name)
+            match = pattern.fullmatch(file_name)
             if match:
                 kinds.setdefault(ours.format(*match.groups()[:1]), []).append(scheme)
     common = max(counts, key=counts.get) if counts else None
