@@ -83,6 +83,8 @@ class _QuantizedProduct(torch.autograd.Function):
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`x @ weight.T + bias`, as `F.linear`; (..., in_features) -> (..., out_features)."""
     if isinstance(weight, QuantizedWeight):
+        if not weight.runs_on_codes(x):  # a prefill's many rows, another device, no kernel: a float GEMM
+            return linear(x, weight.dequantize().to(x.dtype), bias)
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return _QuantizedProduct.apply(x, weight, bias)
         return weight.product(x, bias)

@@ -128,7 +128,7 @@ class QuantizedWeight(torch.Tensor):
         self.codes, self.scale, self.min, self.group = codes, scale, min, group
         self.padded = codes.shape[1] * 8 // self.bits  # columns as stored: in_features rounded up to a group
         # what every product passes to the kernel, found once (decoding makes ~200 products a token)
-        self._parts = (_ptr(codes), _ptr(scale), _ptr(min), self.shape[0], group)
+        self._parts = (_ptr(codes), _ptr(scale), _ptr(min))
 
     @property
     def scheme(self) -> str:
@@ -181,27 +181,28 @@ class QuantizedWeight(torch.Tensor):
         out = self._dequantize_rows(self.codes[flat], self.scale[flat], self.min[flat])[:, : self.shape[1]]
         return out.view(*index.shape, self.shape[1])
 
+    def runs_on_codes(self, x: Tensor) -> bool:
+        """Whether the kernel multiplies `x` (..., in_features) on the codes: on CPU, for at most
+        ROWS_FOR_GEMM rows, where it was built. Otherwise a float GEMM on `dequantize()` is faster
+        (a prefill) or the only way (another device, no C compiler)."""
+        return x.device.type == "cpu" and x.numel() <= ROWS_FOR_GEMM * x.shape[-1] and _kernel() is not None
+
     def product(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """x (..., in_features) @ self.T + bias, in float32 on the codes; (..., out_features)."""
+        """x (..., in_features) @ self.T + bias on the codes, where `runs_on_codes(x)`; (..., out_features)."""
         n, k = self.shape
         flat = x.reshape(-1, k)  # (rows, in_features)
         if flat.dtype != torch.float32:
             flat = flat.float()
-        rows = flat.shape[0]
-        kernel = _kernel() if x.device.type == "cpu" and rows <= ROWS_FOR_GEMM else None
-        if kernel is None:
-            out = F.linear(flat, self.dequantize(), None if bias is None else bias.float())  # (rows, out_features)
-        else:
-            if self.padded != k:
-                flat = F.pad(flat, (0, self.padded - k))
-            if not flat.is_contiguous():
-                flat = flat.contiguous()
-            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-                bias = bias.float().contiguous()
-            out = torch.empty(rows, n)  # (rows, out_features)
-            codes, scale, min, _, group = self._parts
-            kernel.gf_quant_matmul(self.bits, flat.data_ptr(), rows, self.padded, codes, scale, min, n, group,
-                                   _ptr(bias), out.data_ptr(), torch.get_num_threads())
+        if self.padded != k:
+            flat = F.pad(flat, (0, self.padded - k))
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            bias = bias.float().contiguous()
+        out = torch.empty(flat.shape[0], n)  # (rows, out_features)
+        codes, scale, min = self._parts
+        _kernel().gf_quant_matmul(self.bits, flat.data_ptr(), flat.shape[0], self.padded, codes, scale, min, n,
+                                  self.group, _ptr(bias), out.data_ptr(), torch.get_num_threads())
         return (out if x.dtype == torch.float32 else out.to(x.dtype)).view(*x.shape[:-1], n)
 
     @classmethod
