@@ -254,4 +254,4 @@ def test_the_kernel_is_built_into_the_cache_directory(monkeypatch, tmp_path):
         pytest.skip("no C compiler")
     monkeypatch.setenv("GLASSFORMER_CACHE", str(tmp_path))
     assert quantized._library() is not None
-    assert len(list(tmp_path.glob("quant_gemv-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))

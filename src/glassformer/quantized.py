@@ -39,8 +39,9 @@ BLOCK = 32  # columns per packed block; every group is a whole number of blocks
 ROWS_FOR_GEMM = 32  # above this many rows a product dequantizes the matrix and runs a float GEMM
 
 
-def _build(source: bytes, built: Path) -> bool:
-    """Compile `source` into `built` (atomically); False, with a warning, when it cannot be."""
+def _build(sources: dict[str, bytes], built: Path) -> bool:
+    """Compile the C `sources` (name -> text) into one library at `built` (atomically); False, with a
+    warning, when they cannot be."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         warnings.warn("glassformer: no C compiler, so quantized products run in PyTorch (slower)", stacklevel=4)
@@ -48,9 +49,10 @@ def _build(source: bytes, built: Path) -> bool:
     try:
         built.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=built.parent) as tmp:
-            (Path(tmp) / "quant_gemv.c").write_bytes(source)
+            for name, text in sources.items():
+                (Path(tmp) / name).write_bytes(text)
             done = subprocess.run(
-                [compiler, *FLAGS, str(Path(tmp) / "quant_gemv.c"), "-o", str(Path(tmp) / "k.so")],
+                [compiler, *FLAGS, *(str(Path(tmp) / name) for name in sources), "-o", str(Path(tmp) / "k.so"), "-lm"],
                 capture_output=True,
                 timeout=300,
             )
@@ -70,13 +72,13 @@ def _library() -> ctypes.CDLL | None:
     or GLASSFORMER_CACHE); None where it cannot be built or loaded (PyTorch runs the products)."""
     if platform.system() != "Linux":
         return None
-    source = files("glassformer").joinpath("csrc/quant_gemv.c").read_bytes()
+    sources = {name: files("glassformer").joinpath("csrc", name).read_bytes() for name in SOURCES}
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags_line = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + flags_line.encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(sources.values()) + " ".join(FLAGS).encode() + flags_line.encode()).hexdigest()
     cache = Path(os.environ.get("GLASSFORMER_CACHE", Path.home() / ".cache" / "glassformer"))
-    built = cache / f"quant_gemv-{key}.so"
-    if not built.exists() and not _build(source, built):
+    built = cache / f"kernels-{key[:16]}.so"
+    if not built.exists() and not _build(sources, built):
         return None
     lib = ctypes.CDLL(str(built))
     ptr, i = ctypes.c_void_p, ctypes.c_int
@@ -84,9 +86,12 @@ def _library() -> ctypes.CDLL | None:
     lib.gf_quant_matmul.restype = None
     lib.gf_dequantize.argtypes = [i, ptr, ptr, ptr, i, i, i, ptr, i]
     lib.gf_dequantize.restype = None
+    lib.gf_decode_block.argtypes = [ptr, ptr, ptr]
+    lib.gf_decode_block.restype = i
     return lib
 
 
+SOURCES = ("quant_gemv.c", "decode_block.c")  # in csrc/: the low-bit products, and the fused decode step
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 UNLOADED = object()
 # The kernel library: loaded (built, the first time on a machine) by the first quantized product, so

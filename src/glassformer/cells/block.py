@@ -14,6 +14,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
+from glassformer.cells import block_step
 from glassformer.cells.attention import Attention, AttentionMask
 from glassformer.cells.mlp import MLP
 from glassformer.cells.moe import MoE
@@ -59,6 +60,9 @@ class Block(nn.Module):
             self.ln2_post = make_norm(cfg) if norm_after else None
             self.hook_mlp_out = HookPoint()  # (batch, pos, d_model)
         self.hook_resid_post = HookPoint()  # (batch, pos, d_model): the next block's input
+        # A decoding step with none of these active may run in one C call (cells/block_step.py).
+        self.hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
+        self.c_step_fits = block_step.fits(self)
 
     def forward(
         self,
@@ -75,6 +79,10 @@ class Block(nn.Module):
         n_heads, pos, k_pos), the stack's relative position bias, is added to the self-attention scores."""
         if resid.dim() != 3 or resid.shape[-1] != self.d_model:
             raise InputError(f"resid must be (batch, pos, d_model={self.d_model}), got {tuple(resid.shape)}")
+        if self.c_step_fits and cache is not None and resid.shape[1] == 1 and score_bias is None:
+            out = block_step.run(self, resid, positions, cache)
+            if out is not None:
+                return out
         resid = self.hook_resid_pre(resid)
         attend = partial(self.attn, mask=mask, positions=positions, cache=cache, score_bias=score_bias)
         if self.parallel:  # attention and MLP both read resid_pre; their outputs are added together

@@ -83,6 +83,7 @@ class Rotary(nn.Module):
         self.base = cfg.rotary_base if base is None else base
         self.scaling = scaling or cfg.rotary_scaling or {"type": "default"}
         self.rotary_dim, self.interleaved, self.kind = cfg.rotary_dim, cfg.rotary_interleaved, self.scaling["type"]
+        self._step: tuple[Tensor, int, Tensor, Tensor] | None = None  # step_angles' last positions and result
         if self.kind == "dynamic":
             return  # no tables: the frequencies depend on each call's length
         inv_freq, factor = frequencies(self.base, cfg.rotary_dim, self.scaling, cfg.n_ctx)  # (rotary_dim/2,)
@@ -122,6 +123,15 @@ class Rotary(nn.Module):
         else:
             swapped = x.roll(self.rotary_dim // 2, dims=-1)  # (batch, pos, heads, rotary_dim): second half first
         return torch.addcmul(x * cos, swapped, signed_sin)  # (batch, pos, heads, rotary_dim)
+
+    def step_angles(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """`cos_sin` as contiguous tensors, looked up once for all the layers of a decoding step (they
+        share this module and the step's `positions` tensor)."""
+        last = self._step
+        if last is None or last[0] is not positions or last[1] != positions._version:
+            cos, sin = self.cos_sin(x, positions)
+            last = self._step = (positions, positions._version, cos.contiguous(), sin.contiguous())
+        return last[2], last[3]
 
     def cos_sin(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
         """cos and signed sin for x's positions (0..pos-1 when positions is None)."""

@@ -4,7 +4,8 @@
    column k of row n is  q[n, k] * scale[n, g] + min[n, g]  with g = k / group. bf16 keeps the top half
    of each float32 (scale 1, min 0); int8 keeps one signed byte per weight; int4 packs each block of 32
    columns into 16 bytes, byte i holding column i in its low nibble and column i + 16 in its high
-   nibble (the order of llama.cpp's Q4_0/Q4_1 blocks).
+   nibble (the order of llama.cpp's Q4_0/Q4_1 blocks). float32 (bits 32) has no scale or min (NULL):
+   the fused decode step (decode_block.c) runs a float model's products here too.
 
    y (M, N) = x (M, K) @ W.T (+ bias): the sum of each group is taken on float activations first and
    scaled once, so  y = sum_g scale_g * (x_g . q_g) + min_g * sum(x_g). One row of x is run against
@@ -47,6 +48,11 @@ static inline void load_bf16(const uint16_t *q, __m512 *lo, __m512 *hi) {
     *hi = _mm512_castsi512_ps(b);
 }
 
+static inline void load_f32(const float *q, __m512 *lo, __m512 *hi) {
+    *lo = _mm512_loadu_ps(q);
+    *hi = _mm512_loadu_ps(q + 16);
+}
+
 static inline void load_int8(const int8_t *q, __m512 *lo, __m512 *hi) {
     *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
     *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
@@ -55,6 +61,7 @@ static inline void load_int8(const int8_t *q, __m512 *lo, __m512 *hi) {
 
 /* One weight of a row as a float (before its group's scale and min). */
 static inline float weight_at(int bits, const void *qrow, int k) {
+    if (bits == 32) return ((const float *)qrow)[k];
     if (bits == 16) {
         uint32_t u = (uint32_t)((const uint16_t *)qrow)[k] << 16;
         float f;
@@ -90,8 +97,10 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
                     load_int4((const uint8_t *)qrows[j] + k / 2, &lo, &hi);
                 else if (bits == 8)
                     load_int8((const int8_t *)qrows[j] + k, &lo, &hi);
-                else
+                else if (bits == 16)
                     load_bf16((const uint16_t *)qrows[j] + k, &lo, &hi);
+                else
+                    load_f32((const float *)qrows[j] + k, &lo, &hi);
                 for (int r = 0; r < MR_; r++) {
                     lo_acc[j][r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs[r] + k), lo_acc[j][r]);
                     hi_acc[j][r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs[r] + k + 16), hi_acc[j][r]);
@@ -99,7 +108,7 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
             }
         }
         for (int j = 0; j < NR; j++) {
-            __m512 s = _mm512_set1_ps(sc[j][g]);
+            __m512 s = _mm512_set1_ps(bits == 32 ? 1.f : sc[j][g]);
             for (int r = 0; r < MR_; r++)
                 total[j][r] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[j][r], hi_acc[j][r]), s, total[j][r]);
         }
@@ -107,7 +116,8 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
     for (int j = 0; j < NR; j++)
         for (int r = 0; r < MR_; r++) {
             float m = 0.f;
-            for (int g = 0; g < G; g++) m += mn[j][g] * sums[r][g];
+            if (bits != 32)
+                for (int g = 0; g < G; g++) m += mn[j][g] * sums[r][g];
             out[j][r] = _mm512_reduce_add_ps(total[j][r]) + m;
         }
 #else
@@ -120,7 +130,7 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
                     int k = g * group + i;
                     acc += weight_at(bits, qrows[j], k) * xs[r][k];
                 }
-                total += sc[j][g] * acc + mn[j][g] * sums[r][g];
+                total += bits == 32 ? acc : sc[j][g] * acc + mn[j][g] * sums[r][g];
             }
             out[j][r] = total;
         }
@@ -144,22 +154,23 @@ static inline __attribute__((always_inline)) void dots(int bits, int NR, int MR_
 DOTS(4)
 DOTS(8)
 DOTS(16)
+DOTS(32)
 
 typedef void (*dots_fn)(const void *const *, const float *const *, const float *const *, int, int,
                         const float *const *, const float *const *, float[][MR]);
 
-/* y (M, N) = x (M, K) @ W.T + bias (bias may be NULL). */
+/* y (M, N) = x (M, K) @ W.T + bias (bias may be NULL); float32 weights (bits 32) take one group of K. */
 void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, const float *scale,
                      const float *min, int N, int group, const float *bias, float *y, int threads) {
     int G = K / group;
     int64_t row_bytes = (int64_t)K * bits / 8;
     int mr = M == 1 ? 1 : M < 8 ? 4 : 8, nr = M == 1 ? 4 : 1;
-    dots_fn table[3][3] = {{dots_4_1, dots_4_4, dots_4_8}, {dots_8_1, dots_8_4, dots_8_8},
-                           {dots_16_1, dots_16_4, dots_16_8}};
-    dots_fn fn = table[bits == 4 ? 0 : bits == 8 ? 1 : 2][mr == 1 ? 0 : mr == 4 ? 1 : 2];
+    dots_fn table[4][3] = {{dots_4_1, dots_4_4, dots_4_8}, {dots_8_1, dots_8_4, dots_8_8},
+                           {dots_16_1, dots_16_4, dots_16_8}, {dots_32_1, dots_32_4, dots_32_8}};
+    dots_fn fn = table[bits == 4 ? 0 : bits == 8 ? 1 : bits == 16 ? 2 : 3][mr == 1 ? 0 : mr == 4 ? 1 : 2];
     float *work = malloc(sizeof(float) * (size_t)M * G); /* each row's sum over each group */
     if (!work) return;
-    group_sums(x, M, K, group, work);
+    if (bits != 32) group_sums(x, M, K, group, work);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int n0 = 0; n0 < N; n0 += nr) {
         const void *qrows[4];
@@ -167,8 +178,8 @@ void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, cons
         for (int j = 0; j < nr; j++) {
             int n = n0 + j < N ? n0 + j : N - 1; /* past the last row of W: repeat it, discard below */
             qrows[j] = (const uint8_t *)q + (int64_t)n * row_bytes;
-            sc[j] = scale + (int64_t)n * G;
-            mn[j] = min + (int64_t)n * G;
+            sc[j] = bits == 32 ? NULL : scale + (int64_t)n * G;
+            mn[j] = bits == 32 ? NULL : min + (int64_t)n * G;
         }
         for (int m0 = 0; m0 < M; m0 += mr) {
             const float *xs[MR], *sums[MR];

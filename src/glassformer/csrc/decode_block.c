@@ -1,0 +1,155 @@
+/* One decoder block's step for one new token per row, in one call (glassformer.cells.block_step).
+
+   Decoding one token runs about sixty small PyTorch operations per block around its five weight
+   products; on a small model that costs as much as the products. When nothing watches the block
+   (no hook active, no autograd), the same arithmetic runs here, with the products of quant_gemv.c:
+
+     h = rmsnorm(x) * ln1;  q, k, v = h @ W_qkv.T (+ b);  q, k rotated (rotate-half or interleaved
+     pairs, the first rotary_dim dims);  k, v written at `slot`;  z = softmax(q . k * scale over the
+     visible slots) . v per head (grouped-query: a key/value head serves n_heads / n_kv_heads heads);
+     r = x + z @ W_O.T (+ b);  h = rmsnorm(r) * ln2;  out = r + (silu(h @ W_gate.T) * (h @ W_in.T + b)) @ W_out.T (+ b)
+
+   A slot is visible when key_valid says so, it is not after `slot`, and (with a window) it is one of
+   the last `window` slots; a row with no visible slot attends to every slot, as AttentionMask does. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, const float *scale,
+                     const float *min, int N, int group, const float *bias, float *y, int threads);
+
+typedef struct {
+    int bits;  /* 32 (float32), 16 (bf16), 8 or 4 */
+    int group; /* columns per scale and min (float32: k) */
+    int n, k;  /* outputs, and inputs as stored (the input width rounded up to the group) */
+    const void *q;
+    const float *scale, *min, *bias; /* scale and min NULL for float32; bias may be NULL */
+} gf_weight;
+
+typedef struct {
+    int batch, d_model, n_heads, n_kv_heads, d_head, d_mlp, rotary_dim, interleaved, window;
+    int slot, n_keys, max_len, threads;
+    float eps, scale;
+    const float *ln1, *ln2;                /* (d_model,) RMSNorm weights */
+    gf_weight qkv, o, gate, up, down;
+    const float *cos, *sin;                /* (batch, rotary_dim): cos and signed sin at each row's position */
+    float *k_cache, *v_cache;              /* (batch, n_kv_heads, max_len, d_head) */
+    const uint8_t *key_valid;              /* (batch, max_len) */
+} gf_step;
+
+/* y (M, w->n) = x (M, width) @ W.T + b; `pad` holds x widened to the stored columns when they differ. */
+static void product(const gf_weight *w, const float *x, int M, int width, float *pad, float *y, int threads) {
+    if (w->k != width) {
+        for (int m = 0; m < M; m++) {
+            memcpy(pad + (int64_t)m * w->k, x + (int64_t)m * width, sizeof(float) * width);
+            memset(pad + (int64_t)m * w->k + width, 0, sizeof(float) * (w->k - width));
+        }
+        x = pad;
+    }
+    gf_quant_matmul(w->bits, x, M, w->k, w->q, w->scale, w->min, w->n, w->group, w->bias, y, threads);
+}
+
+/* out (M, D) = x / sqrt(mean(x^2) + eps) * w, row by row */
+static void rms_norm(const float *x, int M, int D, const float *w, float eps, float *out) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (int64_t)m * D;
+        float ss = 0.f;
+        for (int i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float inv = 1.f / sqrtf(ss / D + eps);
+        for (int i = 0; i < D; i++) out[(int64_t)m * D + i] = xr[i] * inv * w[i];
+    }
+}
+
+/* v (d_head) rotated in place: v*cos + swap(v)*signed_sin over the first rotary_dim dims */
+static void rotate(float *v, const float *cos, const float *sin, int rd, int interleaved) {
+    float turned[rd];
+    int half = rd / 2;
+    for (int i = 0; i < rd; i++) {
+        int j = interleaved ? i ^ 1 : i < half ? i + half : i - half;
+        turned[i] = v[i] * cos[i] + v[j] * sin[i];
+    }
+    memcpy(v, turned, sizeof(float) * rd);
+}
+
+/* z (d_head) for one query head against its key/value head's visible slots; `p` holds n_keys floats */
+static void attend(const gf_step *s, const float *q, const float *keys, const float *values,
+                   const uint8_t *valid, float *p, float *z) {
+    int dh = s->d_head, n = s->n_keys, any = 0;
+    for (int j = 0; j < n; j++)
+        any |= valid[j] && j <= s->slot && (s->window <= 0 || s->slot - j < s->window);
+    float top = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        int seen = !any || (valid[j] && j <= s->slot && (s->window <= 0 || s->slot - j < s->window));
+        if (!seen) {
+            p[j] = -INFINITY;
+            continue;
+        }
+        const float *kj = keys + (int64_t)j * dh;
+        float dot = 0.f;
+        for (int i = 0; i < dh; i++) dot += q[i] * kj[i];
+        p[j] = dot * s->scale;
+        top = p[j] > top ? p[j] : top;
+    }
+    float total = 0.f;
+    for (int j = 0; j < n; j++) {
+        p[j] = p[j] == -INFINITY ? 0.f : expf(p[j] - top);
+        total += p[j];
+    }
+    for (int i = 0; i < dh; i++) z[i] = 0.f;
+    for (int j = 0; j < n; j++) {
+        if (p[j] == 0.f) continue;
+        float w = p[j] / total;
+        const float *vj = values + (int64_t)j * dh;
+        for (int i = 0; i < dh; i++) z[i] += w * vj[i];
+    }
+}
+
+static int widest(int a, int b) { return a > b ? a : b; }
+
+/* out (batch, d_model) = the block applied to x (batch, d_model); the new keys and values are cached.
+   Returns 0, or 1 when memory for the scratch could not be had (nothing is written then). */
+int gf_decode_block(const gf_step *s, const float *x, float *out) {
+    int B = s->batch, D = s->d_model, H = s->n_heads, HKV = s->n_kv_heads, dh = s->d_head, F = s->d_mlp;
+    int Q = H * dh, KV = HKV * dh, QKV = Q + 2 * KV, group = H / HKV;
+    int padded = widest(widest(s->qkv.k, s->gate.k), widest(widest(s->up.k, s->o.k), s->down.k));
+    int64_t sizes[] = {(int64_t)B * D, (int64_t)B * widest(padded, widest(Q, F)), (int64_t)B * QKV,
+                       (int64_t)B * Q, (int64_t)B * D, (int64_t)B * F, (int64_t)B * F, (int64_t)B * H * s->n_keys};
+    int64_t total = 0;
+    for (int i = 0; i < 8; i++) total += sizes[i];
+    float *scratch = malloc(sizeof(float) * total);
+    if (!scratch) return 1;
+    float *h = scratch, *pad = h + sizes[0], *qkv = pad + sizes[1], *z = qkv + sizes[2], *r = z + sizes[3];
+    float *gate = r + sizes[4], *up = gate + sizes[5], *probs = up + sizes[6];
+
+    rms_norm(x, B, D, s->ln1, s->eps, h);
+    product(&s->qkv, h, B, D, pad, qkv, s->threads); /* (B, QKV): q heads, k heads, v heads */
+    for (int b = 0; b < B; b++) {
+        float *row = qkv + (int64_t)b * QKV;
+        for (int head = 0; head < H + HKV; head++) /* the query heads, then the key heads */
+            rotate(row + (int64_t)head * dh, s->cos + (int64_t)b * s->rotary_dim, s->sin + (int64_t)b * s->rotary_dim,
+                   s->rotary_dim, s->interleaved);
+        for (int kh = 0; kh < HKV; kh++) {
+            int64_t at = (((int64_t)b * HKV + kh) * s->max_len + s->slot) * dh;
+            memcpy(s->k_cache + at, row + Q + (int64_t)kh * dh, sizeof(float) * dh);
+            memcpy(s->v_cache + at, row + Q + KV + (int64_t)kh * dh, sizeof(float) * dh);
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(s->threads) if ((int64_t)B * H * s->n_keys * dh > 65536)
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, head = bh % H;
+        int64_t kv = ((int64_t)b * HKV + head / group) * s->max_len * dh;
+        attend(s, qkv + (int64_t)b * QKV + (int64_t)head * dh, s->k_cache + kv, s->v_cache + kv,
+               s->key_valid + (int64_t)b * s->max_len, probs + (int64_t)bh * s->n_keys, z + (int64_t)bh * dh);
+    }
+    product(&s->o, z, B, Q, pad, r, s->threads);
+    for (int64_t i = 0; i < (int64_t)B * D; i++) r[i] += x[i]; /* the residual after attention */
+    rms_norm(r, B, D, s->ln2, s->eps, h);
+    product(&s->gate, h, B, D, pad, gate, s->threads);
+    product(&s->up, h, B, D, pad, up, s->threads);
+    for (int64_t i = 0; i < (int64_t)B * F; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    product(&s->down, gate, B, F, pad, out, s->threads);
+    for (int64_t i = 0; i < (int64_t)B * D; i++) out[i] += r[i];
+    free(scratch);
+    return 0;
+}
