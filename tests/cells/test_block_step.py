@@ -38,8 +38,11 @@ def make_model(scheme: str | None = None, d_model: int = 64, **overrides) -> gf.
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # O(1) weights and gains != 1, so that every term matters
         for name, param in model.named_parameters():
-            param.copy_(1 + 0.2 * torch.randn(param.shape, generator=gen) if name.endswith(".w")
-                        else torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+            param.copy_(
+                1 + 0.2 * torch.randn(param.shape, generator=gen)
+                if name.endswith(".w")
+                else torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5
+            )
     return model.quantize(scheme) if scheme else model
 
 

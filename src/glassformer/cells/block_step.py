@@ -33,22 +33,51 @@ enabled: bool = True
 class _Weight(ctypes.Structure):
     """csrc/decode_block.c's `gf_weight`."""
 
-    _fields_ = [("bits", c_int), ("group", c_int), ("n", c_int), ("k", c_int),
-                ("q", c_void_p), ("scale", c_void_p), ("min", c_void_p), ("bias", c_void_p)]
+    _fields_ = [
+        ("bits", c_int),
+        ("group", c_int),
+        ("n", c_int),
+        ("k", c_int),
+        ("q", c_void_p),
+        ("scale", c_void_p),
+        ("min", c_void_p),
+        ("bias", c_void_p),
+    ]
 
 
-_SIZES = ("batch", "d_model", "n_heads", "n_kv_heads", "d_head", "d_mlp", "rotary_dim", "interleaved", "window",
-          "slot", "n_keys", "max_len", "threads")
+_SIZES = (
+    "batch",
+    "d_model",
+    "n_heads",
+    "n_kv_heads",
+    "d_head",
+    "d_mlp",
+    "rotary_dim",
+    "interleaved",
+    "window",
+    "slot",
+    "n_keys",
+    "max_len",
+    "threads",
+)
 
 
 class _Step(ctypes.Structure):
     """csrc/decode_block.c's `gf_step`."""
 
-    _fields_ = [*((name, c_int) for name in _SIZES), ("eps", c_float), ("scale", c_float),
-                ("ln1", c_void_p), ("ln2", c_void_p),
-                *((name, _Weight) for name in ("qkv", "o", "gate", "up", "down")),
-                ("cos", c_void_p), ("sin", c_void_p), ("k_cache", c_void_p), ("v_cache", c_void_p),
-                ("key_valid", c_void_p)]
+    _fields_ = [
+        *((name, c_int) for name in _SIZES),
+        ("eps", c_float),
+        ("scale", c_float),
+        ("ln1", c_void_p),
+        ("ln2", c_void_p),
+        *((name, _Weight) for name in ("qkv", "o", "gate", "up", "down")),
+        ("cos", c_void_p),
+        ("sin", c_void_p),
+        ("k_cache", c_void_p),
+        ("v_cache", c_void_p),
+        ("key_valid", c_void_p),
+    ]
 
 
 def fits(block: Any) -> bool:
@@ -59,11 +88,19 @@ def fits(block: Any) -> bool:
         and not block.parallel
         and block.cross_attn is None
         and block.ln1_post is None
-        and isinstance(block.ln1, Norm) and not block.ln1.centre
-        and isinstance(mlp, MLP) and mlp.gate_weight is not None and mlp.act is F.silu
-        and isinstance(block.ln2, Norm) and not block.ln2.centre and block.ln2_post is None
+        and isinstance(block.ln1, Norm)
+        and not block.ln1.centre
+        and isinstance(mlp, MLP)
+        and mlp.gate_weight is not None
+        and mlp.act is F.silu
+        and isinstance(block.ln2, Norm)
+        and not block.ln2.centre
+        and block.ln2_post is None
         and block.ln1.eps == block.ln2.eps
-        and attn.causal and attn.rotary is not None and attn.q_norm is None and attn.softcap is None
+        and attn.causal
+        and attn.rotary is not None
+        and attn.q_norm is None
+        and attn.softcap is None
         and attn.rotary.rotary_dim % 2 == 0
     )
 
@@ -120,10 +157,29 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
     window = attn.window or 0
     kv = cache.cache
     step = _Step(
-        batch, d_model, attn.n_heads, attn.n_kv_heads, attn.d_head, mlp.d_mlp, attn.rotary.rotary_dim,
-        int(attn.rotary.interleaved), window, kv.length - 1, kv.visible(), kv.max_len, torch.get_num_threads(),
-        block.ln1.eps, attn.scale, block.ln1.w.data_ptr(), block.ln2.w.data_ptr(), *(_Weight(*w) for w in weights),
-        cos.data_ptr(), sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), kv.key_valid.data_ptr(),
+        batch,
+        d_model,
+        attn.n_heads,
+        attn.n_kv_heads,
+        attn.d_head,
+        mlp.d_mlp,
+        attn.rotary.rotary_dim,
+        int(attn.rotary.interleaved),
+        window,
+        kv.length - 1,
+        kv.visible(),
+        kv.max_len,
+        torch.get_num_threads(),
+        block.ln1.eps,
+        attn.scale,
+        block.ln1.w.data_ptr(),
+        block.ln2.w.data_ptr(),
+        *(_Weight(*w) for w in weights),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        cache.k.data_ptr(),
+        cache.v.data_ptr(),
+        kv.key_valid.data_ptr(),
     )
     out = torch.empty_like(x)  # (batch, 1, d_model)
     if kernel.gf_decode_block(ctypes.byref(step), x.data_ptr(), out.data_ptr()) != 0:
