@@ -15,6 +15,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 void gf_quant_matmul(int bits, const float *x, int M, int K, const void *q, const float *scale,
                      const float *min, int N, int group, const float *bias, float *y, int threads);
@@ -50,12 +53,31 @@ static void product(const gf_weight *w, const float *x, int M, int width, float 
     gf_quant_matmul(w->bits, x, M, w->k, w->q, w->scale, w->min, w->n, w->group, w->bias, y, threads);
 }
 
+/* a . b over n floats, in independent partial sums (one chain of n dependent adds is latency-bound) */
+static float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float total = 0.f;
+#ifdef __AVX512F__
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) part[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) part[0] += a[i] * b[i];
+    return total + (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 /* out (M, D) = x / sqrt(mean(x^2) + eps) * w, row by row */
 static void rms_norm(const float *x, int M, int D, const float *w, float eps, float *out) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (int64_t)m * D;
-        float ss = 0.f;
-        for (int i = 0; i < D; i++) ss += xr[i] * xr[i];
+        float ss = dot(xr, xr, D);
         float inv = 1.f / sqrtf(ss / D + eps);
         for (int i = 0; i < D; i++) out[(int64_t)m * D + i] = xr[i] * inv * w[i];
     }
@@ -85,10 +107,7 @@ static void attend(const gf_step *s, const float *q, const float *keys, const fl
             p[j] = -INFINITY;
             continue;
         }
-        const float *kj = keys + (int64_t)j * dh;
-        float dot = 0.f;
-        for (int i = 0; i < dh; i++) dot += q[i] * kj[i];
-        p[j] = dot * s->scale;
+        p[j] = dot(q, keys + (int64_t)j * dh, dh) * s->scale;
         top = p[j] > top ? p[j] : top;
     }
     float total = 0.f;
