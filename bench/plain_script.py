@@ -6,11 +6,11 @@ against the same `transformers` model, put in eval mode as `from_pretrained` wou
 times its first call on its own and then three more (median); processes of the two libraries alternate,
 `--rounds` times, and the medians over rounds are printed with their spread.
 
-    .venv/bin/python bench/plain_script.py [--rounds 3] [--json out.json]
+    .venv/bin/python bench/plain_script.py [--rounds 3] [--only PARTS] [--json out.json]
 
-Tasks: `generate` (prompt 32, 64 new tokens, greedy, batch 1), the forward at 1x128 and 8x128 (as
-`model(tokens)`, autograd on, as a script has it), and glassformer's `run_with_cache` with every hook
-at the same shapes (as a ratio to its own forward).
+Tasks: `generate` (prompt 32, 64 new tokens, greedy, batch 1), the forward at 1x128, 8x128 and 1x1024
+(as `model(tokens)`, autograd on, as a script has it), and glassformer's `run_with_cache` with every
+hook at the same shapes (as a ratio to its own forward). `--only 1x1024,generate` runs a subset.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ inputs = {{
     "forward 8x128": (lambda: forward, torch.randint(0, 50257, (8, 128), generator=g)),
     "run_with_cache 1x128": (lambda: cached, torch.randint(0, 50257, (1, 128), generator=g)),
     "run_with_cache 8x128": (lambda: cached, torch.randint(0, 50257, (8, 128), generator=g)),
+    "forward 1x1024": (lambda: forward, torch.randint(0, 50257, (1, 1024), generator=g)),
+    "run_with_cache 1x1024": (lambda: cached, torch.randint(0, 50257, (1, 1024), generator=g)),
 }}
+inputs = {{task: v for task, v in inputs.items() if any(part in task for part in {only!r})}}
 out = {{"build": built}}
 for task, (fn, x) in inputs.items():
     fn = fn()
@@ -66,9 +69,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def run_worker(library: str) -> dict:
-    """One fresh process of `library`'s plain script; its timings."""
-    code = WORKER.format(setup=textwrap.dedent(SETUP[library]).strip())
+def run_worker(library: str, only: list[str]) -> dict:
+    """One fresh process of `library`'s plain script, on the tasks whose names contain a part of `only`."""
+    code = WORKER.format(setup=textwrap.dedent(SETUP[library]).strip(), only=only)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
@@ -79,11 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", help="write every round's figures here")
+    parser.add_argument("--only", default="", help="comma-separated parts of task names to run (default: all)")
     args = parser.parse_args()
     rounds: dict[str, list[dict]] = {"glassformer": [], "transformers": []}
     for r in range(args.rounds):
         for library in (("glassformer", "transformers") if r % 2 == 0 else ("transformers", "glassformer")):
-            rounds[library].append(run_worker(library))
+            rounds[library].append(run_worker(library, args.only.split(",")))
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}; {args.rounds} fresh processes each\n")
     print("| task | gf first call s | gf later s | transformers first s | transformers later s "
           "| gf/tf later | gf/tf first |")

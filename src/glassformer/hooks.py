@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from glassformer.cache_algebra import CacheAlgebra, PosSlice, take
 from glassformer.errors import HookError
+from glassformer.memory import keep_memory_for_caches
 
 HookFn = Callable[[Tensor, "HookPoint"], Tensor | None]
 NameFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -307,6 +308,7 @@ class HookedRoot(nn.Module):
         detached. Gradients come from `torch.autograd.grad` on the activations alone: parameters'
         `.grad` are left as they were, and the model's train/eval mode is not changed.
         """
+        keep_memory_for_caches()  # the next cache reuses this one's freed blocks (memory.py)
         store: dict[str, Tensor] = {}
         live: dict[str, Tensor] = {}
 

@@ -159,3 +159,22 @@ def test_greedy_generation_is_unchanged(monkeypatch):
     ours = model.generate(prompt, 20)
     monkeypatch.setattr(block_step, "enabled", False)
     assert torch.equal(ours, model.generate(prompt, 20))
+
+
+def test_edited_replaced_and_requantized_weights_are_read_again(monkeypatch, calls):
+    """The C step's arguments are kept between steps: an edit that moves a weight's storage, a
+    requantized weight and a model quantized after decoding all reach it."""
+    model = make_model(**LLAMA)
+    tokens = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(9))
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    before, _ = decode_logits(model, tokens, valid)
+    with torch.no_grad():
+        model.blocks[0].attn.o_weight.data = torch.zeros_like(model.blocks[0].attn.o_weight)  # new storage
+    compare_with_cells(model, monkeypatch, tokens, valid)
+    model.quantize("int8")  # every product weight replaced
+    compare_with_cells(model, monkeypatch, tokens, valid)
+    with torch.no_grad():
+        model.blocks[1].mlp.out_weight[:, :10] = 0  # stored back quantized: new codes
+    after, _ = decode_logits(model, tokens, valid)
+    compare_with_cells(model, monkeypatch, tokens, valid)
+    assert not torch.allclose(before, after, atol=1e-3) and calls["cells"] == 0

@@ -105,16 +105,79 @@ def fits(block: Any) -> bool:
     )
 
 
-def _weight(w: Tensor, bias: Tensor | None) -> tuple | None:
-    """`gf_weight`'s fields for a product's weight, or None when C cannot read it."""
+def _weight(w: Tensor, bias: Tensor | None) -> _Weight | None:
+    """A product's `gf_weight`, or None when C cannot read it."""
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous() and bias.device.type == "cpu"):
         return None
     bias_ptr = None if bias is None else bias.data_ptr()
     if isinstance(w, QuantizedWeight):
-        return (w.bits, w.group, w.shape[0], w.padded, *w._parts, bias_ptr)
+        return _Weight(w.bits, w.group, w.shape[0], w.padded, *w._parts, bias_ptr)
     if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous() or w.shape[1] % 32:
         return None
-    return (32, w.shape[1], w.shape[0], w.shape[1], w.data_ptr(), None, None, bias_ptr)
+    return _Weight(32, w.shape[1], w.shape[0], w.shape[1], w.data_ptr(), None, None, bias_ptr)
+
+
+# The tensors a step reads, by (module, parameter name) under the block; None where the block has none.
+_SOURCES = (
+    ("attn", "qkv_weight"),
+    ("attn", "qkv_bias"),
+    ("attn", "o_weight"),
+    ("attn", "b_O"),
+    ("mlp", "gate_weight"),
+    ("mlp", "in_weight"),
+    ("mlp", "b_in"),
+    ("mlp", "out_weight"),
+    ("mlp", "b_out"),
+    ("ln1", "w"),
+    ("ln2", "w"),
+)
+
+
+def _signature(block: Any) -> tuple:
+    """What the prepared step depends on: each tensor's identity and where its values live (a
+    requantized weight has new codes; a replaced one is another object)."""
+    tensors = (block._modules[module]._parameters.get(name) for module, name in _SOURCES)
+    return tuple(
+        None if t is None else (id(t), t._parts if isinstance(t, QuantizedWeight) else t.data_ptr()) for t in tensors
+    )
+
+
+def _build(block: Any) -> _Step | None:
+    """The block's `gf_step` with its sizes and weights filled in; None when C cannot read a weight."""
+    attn, mlp, ln1, ln2 = block.attn, block.mlp, block.ln1, block.ln2
+    weights = [
+        _weight(attn.qkv_weight, attn.qkv_bias),
+        _weight(attn.o_weight, attn.b_O),
+        _weight(mlp.gate_weight, None),
+        _weight(mlp.in_weight, mlp.b_in),
+        _weight(mlp.out_weight, mlp.b_out),
+    ]
+    if None in weights or any(w.dtype != torch.float32 or not w.is_contiguous() for w in (ln1.w, ln2.w)):
+        return None
+    step = _Step(
+        d_model=ln1.w.shape[0],
+        n_heads=attn.n_heads,
+        n_kv_heads=attn.n_kv_heads,
+        d_head=attn.d_head,
+        d_mlp=mlp.d_mlp,
+        rotary_dim=attn.rotary.rotary_dim,
+        interleaved=int(attn.rotary.interleaved),
+        window=attn.window or 0,
+        eps=ln1.eps,
+        scale=attn.scale,
+        ln1=ln1.w.data_ptr(),
+        ln2=ln2.w.data_ptr(),
+    )
+    step.qkv, step.o, step.gate, step.up, step.down = weights
+    return step
+
+
+def _prepared(block: Any) -> _Step | None:
+    """`_build(block)`, kept on the block and built again only when its signature changes."""
+    signature = _signature(block)
+    if block.c_step_prepared is None or block.c_step_prepared[0] != signature:
+        block.c_step_prepared = (signature, _build(block))
+    return block.c_step_prepared[1]
 
 
 def _watched(hooks: list[HookPoint]) -> bool:
@@ -125,7 +188,7 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
     """The block's output for `resid (batch, 1, d_model)`, its keys and values written into `cache`;
     None when the step must run in the cells (a hook is active, autograd, another dtype or device,
     a weight C cannot read, or no compiled kernel)."""
-    attn, mlp = block.attn, block.mlp
+    attn, mlp = block._modules["attn"], block._modules["mlp"]
     if (
         not enabled
         or torch.is_grad_enabled()
@@ -141,46 +204,15 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
     ):
         return None
     kernel = _kernel()
-    weights = [
-        _weight(attn.qkv_weight, attn.qkv_bias),
-        _weight(attn.o_weight, attn.b_O),
-        _weight(mlp.gate_weight, None),
-        _weight(mlp.in_weight, mlp.b_in),
-        _weight(mlp.out_weight, mlp.b_out),
-    ]
-    norms = (block.ln1.w, block.ln2.w)
-    if kernel is None or None in weights or any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
+    step = None if kernel is None else _prepared(block)
+    if step is None:
         return None
-    batch, _, d_model = resid.shape
     x = resid.contiguous()
-    cos, sin = attn.rotary.step_angles(x, positions)  # (batch, 1, 1, rotary_dim) each
-    window = attn.window or 0
+    cos, sin = attn._modules["rotary"].step_angles(x, positions)  # (batch, 1, 1, rotary_dim) each
     kv = cache.cache
-    step = _Step(
-        batch,
-        d_model,
-        attn.n_heads,
-        attn.n_kv_heads,
-        attn.d_head,
-        mlp.d_mlp,
-        attn.rotary.rotary_dim,
-        int(attn.rotary.interleaved),
-        window,
-        kv.length - 1,
-        kv.visible(),
-        kv.max_len,
-        torch.get_num_threads(),
-        block.ln1.eps,
-        attn.scale,
-        block.ln1.w.data_ptr(),
-        block.ln2.w.data_ptr(),
-        *(_Weight(*w) for w in weights),
-        cos.data_ptr(),
-        sin.data_ptr(),
-        cache.k.data_ptr(),
-        cache.v.data_ptr(),
-        kv.key_valid.data_ptr(),
-    )
+    step.batch, step.slot, step.n_keys, step.max_len = x.shape[0], kv.length - 1, kv.visible(), kv.max_len
+    step.threads, step.cos, step.sin = torch.get_num_threads(), cos.data_ptr(), sin.data_ptr()
+    step.k_cache, step.v_cache, step.key_valid = cache.k.data_ptr(), cache.v.data_ptr(), kv.key_valid.data_ptr()
     out = torch.empty_like(x)  # (batch, 1, d_model)
     if kernel.gf_decode_block(ctypes.byref(step), x.data_ptr(), out.data_ptr()) != 0:
         return None  # no memory for the scratch: the cells run it (and report the shortage)
