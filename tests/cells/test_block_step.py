@@ -21,11 +21,16 @@ FITS = {
     "mqa-interleaved": dict(LLAMA, n_kv_heads=1, rotary_interleaved=True),
     "partial-rotary-scaled": dict(LLAMA, rotary_dim=8, rotary_scaling={"type": "linear", "factor": 2.0}),
     "sliding-window": dict(LLAMA, sliding_window=3, layer_types=["sliding", "full"], attn_scale=0.3),
+    "gpt2": dict(positional="learned", norm="layernorm", act="gelu_new", bias=True, n_kv_heads=4),
+    "layernorm-no-bias-rotary-gelu": dict(positional="rotary", norm="layernorm", act="gelu", bias=False),
+    "geglu-sinusoidal": dict(LLAMA, positional="sinusoidal", act="geglu"),
+    "relu": dict(LLAMA, act="relu"),
+    "silu-ungated": dict(LLAMA, act="silu"),
 }
 DOES_NOT_FIT = {
-    "layernorm-gelu": dict(positional="rotary"),
-    "learned-positions": dict(LLAMA, positional="learned"),
     "post-norm": dict(LLAMA, norm_position="post"),
+    "sandwich": dict(LLAMA, norm_position="sandwich"),
+    "mixture-of-experts": dict(LLAMA, n_experts=4),
     "qk-norm": dict(LLAMA, qk_norm="head"),
     "softcap": dict(LLAMA, attn_softcap=5.0),
     "parallel": dict(LLAMA, parallel_attn_mlp=True),
@@ -107,6 +112,20 @@ def test_widths_off_the_group_are_padded(monkeypatch, calls):
 def test_other_shapes_run_in_the_cells(name):
     model = make_model(**DOES_NOT_FIT[name])
     assert not any(block.c_step_fits for block in model.blocks)
+
+
+def test_gpt2_from_transformers_decodes_its_greedy_tokens(monkeypatch, calls):
+    """A GPT-2 loaded from transformers (LayerNorm, tanh GELU, biases, learned positions) decodes in C
+    the tokens transformers' own greedy search gives."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=60, n_positions=40)
+    torch.manual_seed(0)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    model = gf.Transformer.from_hf(reference)
+    prompt = torch.randint(0, 60, (2, 6), generator=torch.Generator().manual_seed(10))
+    expected = reference.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, 20), expected)
+    assert calls["c"] == 19 * 2 and calls["cells"] == 0
 
 
 def test_a_float_width_the_kernel_cannot_read_runs_in_the_cells(monkeypatch, calls):

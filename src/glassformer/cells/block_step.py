@@ -2,8 +2,10 @@
 
 Decoding a token runs about sixty small PyTorch operations per block around its five weight
 products; on a model of SmolLM2's size they cost as much as the products (bench/RESULTS.md, issue
-14). So when a block has the common shape (pre-norm RMSNorm, rotary self-attention with or without
-grouped-query heads, a SwiGLU MLP, biases or not), autograd is off and none of its hooks is active,
+14). So when a block has a common shape (pre-norm RMSNorm or LayerNorm; self-attention with rotary
+positions or none of its own, grouped-query heads or not; a SwiGLU, GeGLU or plain GELU/ReLU/SiLU
+MLP; biases or not: Llama, SmolLM2, Qwen2, Mistral, GPT-2 ...), autograd is off and none of its
+hooks is active,
 `Block.forward` hands the step to C, which does the same arithmetic as the cells with the low-bit
 products of quant_gemv.c (float32 weights too). Any hook on the block, a longer input, another
 device or dtype, or a missing C compiler leaves the cells to run it: seeing inside never changes
@@ -17,7 +19,6 @@ from ctypes import c_float, c_int, c_void_p
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from glassformer.cells.mlp import MLP
@@ -59,7 +60,12 @@ _SIZES = (
     "n_keys",
     "max_len",
     "threads",
+    "layer_norm",
+    "act",
+    "gated",
 )
+# csrc/decode_block.c's activations, by Config.act
+C_ACTS = {"swiglu": 0, "silu": 0, "gelu": 1, "geglu": 2, "gelu_new": 2, "relu": 3}
 
 
 class _Step(ctypes.Structure):
@@ -71,6 +77,8 @@ class _Step(ctypes.Structure):
         ("scale", c_float),
         ("ln1", c_void_p),
         ("ln2", c_void_p),
+        ("ln1_b", c_void_p),
+        ("ln2_b", c_void_p),
         *((name, _Weight) for name in ("qkv", "o", "gate", "up", "down")),
         ("cos", c_void_p),
         ("sin", c_void_p),
@@ -81,27 +89,24 @@ class _Step(ctypes.Structure):
 
 
 def fits(block: Any) -> bool:
-    """Whether `block`'s shape is the one the C step computes (checked once, when it is built)."""
+    """Whether `block`'s shape is one the C step computes (checked once, when it is built): a pre-norm
+    decoder block (RMSNorm or LayerNorm), causal self-attention with rotary or no positions of its
+    own, and a dense MLP."""
     attn, mlp = block.attn, block.mlp
+    norms = (block.ln1, getattr(block, "ln2", None))
     return (
         not block.post_norm
         and not block.parallel
         and block.cross_attn is None
         and block.ln1_post is None
-        and isinstance(block.ln1, Norm)
-        and not block.ln1.centre
         and isinstance(mlp, MLP)
-        and mlp.gate_weight is not None
-        and mlp.act is F.silu
-        and isinstance(block.ln2, Norm)
-        and not block.ln2.centre
+        and mlp.act_name in C_ACTS
         and block.ln2_post is None
-        and block.ln1.eps == block.ln2.eps
+        and all(isinstance(n, Norm) and n.centre == norms[0].centre and n.eps == norms[0].eps for n in norms)
         and attn.causal
-        and attn.rotary is not None
         and attn.q_norm is None
         and attn.softcap is None
-        and attn.rotary.rotary_dim % 2 == 0
+        and (attn.rotary is None or attn.rotary.rotary_dim % 2 == 0)
     )
 
 
@@ -130,6 +135,8 @@ _SOURCES = (
     ("mlp", "b_out"),
     ("ln1", "w"),
     ("ln2", "w"),
+    ("ln1", "b"),
+    ("ln2", "b"),
 )
 
 
@@ -142,17 +149,26 @@ def _signature(block: Any) -> tuple:
     )
 
 
+def _vector(t: Tensor | None) -> int | None:
+    """A norm's weight or bias as C reads it (its address), or 0 when C cannot read it."""
+    if t is None:
+        return None
+    return t.data_ptr() if t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" else 0
+
+
 def _build(block: Any) -> _Step | None:
     """The block's `gf_step` with its sizes and weights filled in; None when C cannot read a weight."""
-    attn, mlp, ln1, ln2 = block.attn, block.mlp, block.ln1, block.ln2
+    attn, mlp, ln1, ln2, rotary = block.attn, block.mlp, block.ln1, block.ln2, block.attn.rotary
+    gated = mlp.gate_weight is not None
     weights = [
         _weight(attn.qkv_weight, attn.qkv_bias),
         _weight(attn.o_weight, attn.b_O),
-        _weight(mlp.gate_weight, None),
+        _weight(mlp.gate_weight, None) if gated else _Weight(),
         _weight(mlp.in_weight, mlp.b_in),
         _weight(mlp.out_weight, mlp.b_out),
     ]
-    if None in weights or any(w.dtype != torch.float32 or not w.is_contiguous() for w in (ln1.w, ln2.w)):
+    norms = [_vector(t) for t in (ln1.w, ln2.w, ln1.b, ln2.b)]
+    if None in weights or 0 in norms:
         return None
     step = _Step(
         d_model=ln1.w.shape[0],
@@ -160,14 +176,16 @@ def _build(block: Any) -> _Step | None:
         n_kv_heads=attn.n_kv_heads,
         d_head=attn.d_head,
         d_mlp=mlp.d_mlp,
-        rotary_dim=attn.rotary.rotary_dim,
-        interleaved=int(attn.rotary.interleaved),
+        rotary_dim=0 if rotary is None else rotary.rotary_dim,
+        interleaved=0 if rotary is None else int(rotary.interleaved),
         window=attn.window or 0,
+        layer_norm=int(ln1.centre),
+        act=C_ACTS[mlp.act_name],
+        gated=int(gated),
         eps=ln1.eps,
         scale=attn.scale,
-        ln1=ln1.w.data_ptr(),
-        ln2=ln2.w.data_ptr(),
     )
+    step.ln1, step.ln2, step.ln1_b, step.ln2_b = norms
     step.qkv, step.o, step.gate, step.up, step.down = weights
     return step
 
@@ -208,10 +226,13 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
     if step is None:
         return None
     x = resid.contiguous()
-    cos, sin = attn._modules["rotary"].step_angles(x, positions)  # (batch, 1, 1, rotary_dim) each
+    rotary = attn._modules.get("rotary")
+    if rotary is not None:
+        cos, sin = rotary.step_angles(x, positions)  # (batch, 1, 1, rotary_dim) each
+        step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
     kv = cache.cache
     step.batch, step.slot, step.n_keys, step.max_len = x.shape[0], kv.length - 1, kv.visible(), kv.max_len
-    step.threads, step.cos, step.sin = torch.get_num_threads(), cos.data_ptr(), sin.data_ptr()
+    step.threads = torch.get_num_threads()
     step.k_cache, step.v_cache, step.key_valid = cache.k.data_ptr(), cache.v.data_ptr(), kv.key_valid.data_ptr()
     out = torch.empty_like(x)  # (batch, 1, d_model)
     if kernel.gf_decode_block(ctypes.byref(step), x.data_ptr(), out.data_ptr()) != 0:

@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.act = ACTIVATIONS[cfg.act]
+        self.act, self.act_name = ACTIVATIONS[cfg.act], cfg.act
         self.d_mlp = cfg.d_mlp  # this process's hidden units (a share under tensor parallelism)
         self.tp = None  # set by glassformer.parallel.shard
         # Stored (out_features, in_features) for linear(); W_in/W_gate/W_out are transposed views.

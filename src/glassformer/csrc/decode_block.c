@@ -4,10 +4,14 @@
    products; on a small model that costs as much as the products. When nothing watches the block
    (no hook active, no autograd), the same arithmetic runs here, with the products of quant_gemv.c:
 
-     h = rmsnorm(x) * ln1;  q, k, v = h @ W_qkv.T (+ b);  q, k rotated (rotate-half or interleaved
-     pairs, the first rotary_dim dims);  k, v written at `slot`;  z = softmax(q . k * scale over the
-     visible slots) . v per head (grouped-query: a key/value head serves n_heads / n_kv_heads heads);
-     r = x + z @ W_O.T (+ b);  h = rmsnorm(r) * ln2;  out = r + (silu(h @ W_gate.T) * (h @ W_in.T + b)) @ W_out.T (+ b)
+     h = norm1(x);  q, k, v = h @ W_qkv.T (+ b);  q, k rotated (rotate-half or interleaved pairs, the
+     first rotary_dim dims; none when rotary_dim is 0);  k, v written at `slot`;  z = softmax(q . k *
+     scale over the visible slots) . v per head (grouped-query: a key/value head serves n_heads /
+     n_kv_heads heads);  r = x + z @ W_O.T (+ b);  h = norm2(r);
+     out = r + act(h @ W_gate.T) * (h @ W_in.T + b) @ W_out.T (+ b)  (gated), or
+     out = r + act(h @ W_in.T + b) @ W_out.T (+ b)
+   where a norm is RMSNorm (x / sqrt(mean(x^2) + eps) * w) or LayerNorm ((x - mean) / sqrt(var + eps)
+   * w + b), and act is SiLU, GELU (erf or tanh) or ReLU.
 
    A slot is visible when key_valid says so, it is not after `slot`, and (with a window) it is one of
    the last `window` slots; a row with no visible slot attends to every slot, as AttentionMask does. */
@@ -30,12 +34,15 @@ typedef struct {
     const float *scale, *min, *bias; /* scale and min NULL for float32; bias may be NULL */
 } gf_weight;
 
+enum { SILU, GELU, GELU_TANH, RELU };
+
 typedef struct {
     int batch, d_model, n_heads, n_kv_heads, d_head, d_mlp, rotary_dim, interleaved, window;
     int slot, n_keys, max_len, threads;
+    int layer_norm, act, gated;            /* LayerNorm (else RMSNorm); SILU..RELU; a gate product */
     float eps, scale;
-    const float *ln1, *ln2;                /* (d_model,) RMSNorm weights */
-    gf_weight qkv, o, gate, up, down;
+    const float *ln1, *ln2, *ln1_b, *ln2_b; /* (d_model,) norm weights; LayerNorm biases or NULL */
+    gf_weight qkv, o, gate, up, down;      /* gate unused unless gated */
     const float *cos, *sin;                /* (batch, rotary_dim): cos and signed sin at each row's position */
     float *k_cache, *v_cache;              /* (batch, n_kv_heads, max_len, d_head) */
     const uint8_t *key_valid;              /* (batch, max_len) */
@@ -73,13 +80,28 @@ static float dot(const float *a, const float *b, int n) {
     return total + (part[0] + part[1]) + (part[2] + part[3]);
 }
 
-/* out (M, D) = x / sqrt(mean(x^2) + eps) * w, row by row */
-static void rms_norm(const float *x, int M, int D, const float *w, float eps, float *out) {
+/* out (M, D) = the norm of x, row by row: RMSNorm, or LayerNorm (centred first; bias b may be NULL) */
+static void norm(const float *x, int M, int D, int layer_norm, const float *w, const float *b, float eps,
+                 float *out) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (int64_t)m * D;
-        float ss = dot(xr, xr, D);
-        float inv = 1.f / sqrtf(ss / D + eps);
-        for (int i = 0; i < D; i++) out[(int64_t)m * D + i] = xr[i] * inv * w[i];
+        float *o = out + (int64_t)m * D, mean = 0.f;
+        if (layer_norm) {
+            for (int i = 0; i < D; i++) mean += xr[i];
+            mean /= D;
+        }
+        for (int i = 0; i < D; i++) o[i] = xr[i] - mean;
+        float inv = 1.f / sqrtf(dot(o, o, D) / D + eps);
+        for (int i = 0; i < D; i++) o[i] = o[i] * inv * w[i] + (b ? b[i] : 0.f);
+    }
+}
+
+static float activation(int act, float v) {
+    switch (act) {
+    case SILU: return v / (1.f + expf(-v));
+    case GELU: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+    case GELU_TANH: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v > 0.f ? v : 0.f;
     }
 }
 
@@ -141,11 +163,11 @@ int gf_decode_block(const gf_step *s, const float *x, float *out) {
     float *h = scratch, *pad = h + sizes[0], *qkv = pad + sizes[1], *z = qkv + sizes[2], *r = z + sizes[3];
     float *gate = r + sizes[4], *up = gate + sizes[5], *probs = up + sizes[6];
 
-    rms_norm(x, B, D, s->ln1, s->eps, h);
+    norm(x, B, D, s->layer_norm, s->ln1, s->ln1_b, s->eps, h);
     product(&s->qkv, h, B, D, pad, qkv, s->threads); /* (B, QKV): q heads, k heads, v heads */
     for (int b = 0; b < B; b++) {
         float *row = qkv + (int64_t)b * QKV;
-        for (int head = 0; head < H + HKV; head++) /* the query heads, then the key heads */
+        for (int head = 0; head < (s->rotary_dim ? H + HKV : 0); head++) /* the query heads, then the key heads */
             rotate(row + (int64_t)head * dh, s->cos + (int64_t)b * s->rotary_dim, s->sin + (int64_t)b * s->rotary_dim,
                    s->rotary_dim, s->interleaved);
         for (int kh = 0; kh < HKV; kh++) {
@@ -163,11 +185,14 @@ int gf_decode_block(const gf_step *s, const float *x, float *out) {
     }
     product(&s->o, z, B, Q, pad, r, s->threads);
     for (int64_t i = 0; i < (int64_t)B * D; i++) r[i] += x[i]; /* the residual after attention */
-    rms_norm(r, B, D, s->ln2, s->eps, h);
-    product(&s->gate, h, B, D, pad, gate, s->threads);
+    norm(r, B, D, s->layer_norm, s->ln2, s->ln2_b, s->eps, h);
     product(&s->up, h, B, D, pad, up, s->threads);
-    for (int64_t i = 0; i < (int64_t)B * F; i++) gate[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
-    product(&s->down, gate, B, F, pad, out, s->threads);
+    if (s->gated) {
+        product(&s->gate, h, B, D, pad, gate, s->threads);
+        for (int64_t i = 0; i < (int64_t)B * F; i++) up[i] *= activation(s->act, gate[i]);
+    } else
+        for (int64_t i = 0; i < (int64_t)B * F; i++) up[i] = activation(s->act, up[i]);
+    product(&s->down, up, B, F, pad, out, s->threads);
     for (int64_t i = 0; i < (int64_t)B * D; i++) out[i] += r[i];
     free(scratch);
     return 0;
