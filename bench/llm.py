@@ -9,8 +9,9 @@ llama.cpp through llama-cpp-python on the same file (n_threads=2), and transform
 Figures: decode tok/s at batch 1 (prompt 64 + 128 new tokens, greedy, the whole call timed: prefill of
 the 64 included), at batch 8 (not llama.cpp: its Python API decodes one sequence), prefill tok/s at
 512, peak RSS of the process, and perplexity over the first 4 x 512 tokens of tinyshakespeare (each
-window on its own, every position scored). The bound: bytes of weight matrices read per decoded token
-over the measured memory bandwidth (a 512 MB float32 sum).
+window on its own, every position scored); for glassformer also the time of a decode with one hook
+attached over one without (the median of three ratios, the two taking turns). The bound: bytes of
+weight matrices read per decoded token over the measured memory bandwidth (a 512 MB float32 sum).
 
     .venv/bin/python bench/llm.py [--rounds 2] [--runners gf-f32,gf-int4,llama.cpp,...] [--json out.json]
 """
@@ -69,7 +70,11 @@ def child_glassformer(kind: str, out: dict) -> None:
     out["prefill_s"] = timed(lambda: model(tokens[None, :PREFILL]))
     out["decode_b1_s"] = timed(lambda: model.generate(prompt, NEW))
     out["decode_b8_s"] = timed(lambda: model.generate(prompt.repeat(8, 1), NEW))
-    out["hook_decode_b1_s"] = timed(lambda: hooked_generate(model, prompt))
+    # one hook against none: three calls of each, taking turns after the timed first call above
+    pairs = [
+        (timed(lambda: hooked_generate(model, prompt)), timed(lambda: model.generate(prompt, NEW))) for _ in range(3)
+    ]
+    out["hook_ratio"] = statistics.median(hooked / plain for hooked, plain in pairs)
     out["tokens_b1"] = model.generate(prompt, 32)[0, PROMPT:].tolist()
     with torch.no_grad():
         out["nll"] = [window_nll(model(w[None])[0], w) for w in tokens.view(WINDOWS, PREFILL)]
@@ -208,7 +213,7 @@ def report(results: dict[str, list[dict]], bandwidth: float, bytes_per_token: di
         ppl = statistics.fmean([float(__import__("math").exp(sum(r["nll"]) / (WINDOWS * (PREFILL - 1))))
                                 for r in rows])
         bound = bandwidth / bytes_per_token[kind]
-        hook = med(kind, "hook_decode_b1_s") / med(kind, "decode_b1_s")
+        hook = med(kind, "hook_ratio")
         rate[kind] = (b1, prefill, ppl)
         print(f"| {kind} | {med(kind, 'load_s'):.2f} | {b1:.1f} | {b8:.1f} | {prefill:.0f} "
               f"| {med(kind, 'peak_rss_mb'):.0f} | {ppl:.3f} | {bound:.0f} | {b1 / bound:.2f} | {hook:.3f} |")

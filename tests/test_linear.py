@@ -69,3 +69,19 @@ def test_compiled_code_keeps_onednn_as_one_operator():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), torch.relu(F.linear(x, w, b)))
         assert "glassformer::onednn_linear" in ops_run(lambda: compiled(x))
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # on the codes, and a float GEMM on the decoded matrix
+def test_a_recorded_quantized_product_keeps_no_float_copy_of_the_weight(rows):
+    """With autograd on (a plain script's forward), a low-bit product saves nothing weight-sized for
+    its backward, which decodes the weight again; the gradient is the float product's."""
+    from glassformer.quantized import quantize_weight
+
+    weight = quantize_weight(torch.randn(96, 64), "int4")
+    x = torch.randn(rows, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = linear(x, weight)
+    assert all(shape != weight.shape for shape in saved)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, weight.dequantize().sum(0).expand(rows, -1), atol=1e-5, rtol=1e-5)

@@ -64,11 +64,13 @@ class _OneDNNProduct(torch.autograd.Function):
 
 
 class _QuantizedProduct(torch.autograd.Function):
-    """The low-bit product, with a backward to the activations (and bias) through the float weight."""
+    """The low-bit product, with a backward to the activations (and bias) through the float weight,
+    decoded again there: a forward with autograd on (a plain script's `model(tokens)`) keeps no float
+    copy of the weight for it."""
 
     @staticmethod
     def forward(x: Tensor, weight: QuantizedWeight, bias: Tensor | None) -> Tensor:
-        return weight.product(x, bias)
+        return _quantized(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -80,14 +82,20 @@ class _QuantizedProduct(torch.autograd.Function):
         return grad_x, None, grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
 
 
+def _quantized(x: Tensor, weight: QuantizedWeight, bias: Tensor | None) -> Tensor:
+    """The kernel on the codes, or (a prefill's many rows, another device, no kernel) a float GEMM on
+    the decoded matrix, which is freed right after."""
+    if weight.runs_on_codes(x):
+        return weight.product(x, bias)
+    return linear(x, weight.dequantize().to(x.dtype), bias)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`x @ weight.T + bias`, as `F.linear`; (..., in_features) -> (..., out_features)."""
     if isinstance(weight, QuantizedWeight):
-        if not weight.runs_on_codes(x):  # a prefill's many rows, another device, no kernel: a float GEMM
-            return linear(x, weight.dequantize().to(x.dtype), bias)
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return _QuantizedProduct.apply(x, weight, bias)
-        return weight.product(x, bias)
+        return _quantized(x, weight, bias)
     if not (use_onednn and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32):
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling():
