@@ -197,3 +197,25 @@ def test_edited_replaced_and_requantized_weights_are_read_again(monkeypatch, cal
     after, _ = decode_logits(model, tokens, valid)
     compare_with_cells(model, monkeypatch, tokens, valid)
     assert not torch.allclose(before, after, atol=1e-3) and calls["cells"] == 0
+
+
+@pytest.mark.parametrize("where", ["block", "cell", "everywhere"])
+def test_a_pytorch_module_hook_sends_the_block_to_the_cells(where, calls):
+    """`register_forward_hook` (on the block, on a cell inside it, or on every module) is seen: the
+    cells run, so the hook fires at every step."""
+    model = make_model("int8", **LLAMA)
+    tokens = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(11))
+    fired = []
+    target = {"block": model.blocks[1], "cell": model.blocks[1].mlp}.get(where)
+    hook = lambda module, args, out: fired.append(1)  # noqa: E731
+    handle = (
+        torch.nn.modules.module.register_module_forward_hook(hook)
+        if target is None
+        else target.register_forward_hook(hook)
+    )
+    try:
+        decode_logits(model, tokens, torch.ones_like(tokens, dtype=torch.bool))
+    finally:
+        handle.remove()
+    blocks_in_cells = 2 if target is None else 1
+    assert calls["cells"] == 3 * blocks_in_cells and fired

@@ -62,6 +62,7 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # (batch, pos, d_model): the next block's input
         # A decoding step with none of these active may run in one C call (cells/block_step.py).
         self.hook_points = [m for m in self.modules() if isinstance(m, HookPoint)]
+        self.c_step_modules = [m for m in self.modules() if not isinstance(m, HookPoint)]
         self.c_step_fits = block_step.fits(self)
         self.c_step_prepared: tuple | None = None  # (what it was built from, the C step's arguments)
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules import module as _module_hooks
 
 from glassformer.cells.mlp import MLP
 from glassformer.cells.norm import Norm
-from glassformer.hooks import HookPoint
 from glassformer.kv_cache import LayerKV
 from glassformer.quantized import QuantizedWeight, _kernel
 
@@ -198,8 +198,14 @@ def _prepared(block: Any) -> _Step | None:
     return block.c_step_prepared[1]
 
 
-def _watched(hooks: list[HookPoint]) -> bool:
-    return any(h._fwd or h._bwd for h in hooks)
+def _watched(block: Any) -> bool:
+    """Whether anything would see inside the block: one of its hook points, or a PyTorch module hook
+    (`register_forward_hook` and the like, on the block, a cell in it, or every module)."""
+    return (
+        any(h._fwd or h._bwd for h in block.hook_points)
+        or any(m._forward_hooks or m._forward_pre_hooks for m in block.c_step_modules)
+        or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+    )
 
 
 def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor | None:
@@ -218,7 +224,7 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
         or mlp.tp is not None
         or cache.k.dtype != torch.float32
         or not cache.k.is_contiguous()
-        or _watched(block.hook_points)
+        or _watched(block)
     ):
         return None
     kernel = _kernel()
