@@ -13,7 +13,10 @@ window on its own, every position scored); for glassformer also the time of a de
 attached over one without (the median of three ratios, the two taking turns). The bound: bytes of
 weight matrices read per decoded token over the measured memory bandwidth (a 512 MB float32 sum).
 
-    .venv/bin/python bench/llm.py [--rounds 2] [--runners gf-f32,gf-int4,llama.cpp,...] [--json out.json]
+    .venv/bin/python bench/llm.py [--rounds 2] [--runners gf-f32,gf-int4,llama.cpp,...] [--pair] [--json out.json]
+
+`--pair` adds glassformer int4 and llama.cpp decoding in one process, taking turns: on a machine whose
+speed drifts between processes, the fairer ratio.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gguf_smollm2 import gguf_path, memory_bandwidth, status_mb  # noqa: E402
 
 THREADS = 2
+PAIR_ROUNDS = 8
 PROMPT, NEW, PREFILL, WINDOWS = 64, 128, 512, 4
 RUNNERS = ("gf-f32", "gf-bf16", "gf-int8", "gf-int4", "llama.cpp", "transformers")
 TARGETS = {"int4 decode / llama.cpp": 1.0, "int4 prefill / llama.cpp": 1.0, "f32 decode / transformers": 1.5}
@@ -159,11 +163,42 @@ def child_llama(out: dict) -> None:
     out["nll"] = nll
 
 
+def child_pair(out: dict) -> None:
+    """glassformer int4 and llama.cpp decoding in one process, taking turns (PAIR_ROUNDS each): the
+    ratio then does not depend on how fast the machine was when each fresh process ran."""
+    import torch
+    from llama_cpp import Llama
+
+    import glassformer as gf
+
+    torch.set_num_threads(THREADS)
+    model = gf.Transformer.from_gguf(gguf_path(), weights="keep")
+    llm = Llama(str(gguf_path()), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, n_batch=512,
+                logits_all=True, verbose=False)
+    prompt = text_tokens(lambda t: model.to_tokens(t)[0].tolist())[1000 : 1000 + PROMPT]
+
+    def ours() -> None:
+        model.generate(torch.tensor([prompt]), NEW)
+
+    def theirs() -> None:
+        llm.reset()
+        for count, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), 1):
+            if count == NEW:
+                break
+
+    out["gf-int4"], out["llama.cpp"] = [], []
+    for r in range(PAIR_ROUNDS):
+        for kind, fn in (("gf-int4", ours), ("llama.cpp", theirs))[:: 1 if r % 2 == 0 else -1]:
+            out[kind].append(NEW / timed(fn))
+
+
 def child(kind: str) -> None:
     """One runner in this fresh process; prints its figures as JSON."""
     out: dict[str, Any] = {"runner": kind}
     Path("/proc/self/clear_refs").write_text("5")
-    if kind.startswith("gf-"):
+    if kind == "pair":
+        child_pair(out)
+    elif kind.startswith("gf-"):
         child_glassformer(kind, out)
     elif kind == "llama.cpp":
         child_llama(out)
@@ -240,6 +275,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runners", default=",".join(RUNNERS))
     parser.add_argument("--json")
+    parser.add_argument("--pair", action="store_true", help="int4 and llama.cpp also in one process, taking turns")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -254,6 +290,14 @@ def main() -> None:
     print(f"memory bandwidth (512 MB float32 sum, {THREADS} threads): {bandwidth / 1e9:.1f} GB/s; "
           f"medians of {args.rounds} fresh processes per runner\n")
     report(results, bandwidth, weight_bytes())
+    if args.pair:
+        pair = run_child("pair")
+        ours, theirs = statistics.median(pair["gf-int4"]), statistics.median(pair["llama.cpp"])
+        rounds = [a / b for a, b in zip(pair["gf-int4"], pair["llama.cpp"], strict=True)]
+        print(f"\nin one process, taking turns ({PAIR_ROUNDS} calls each, b1, {PROMPT} + {NEW}): "
+              f"gf-int4 {ours:.1f} tok/s, llama.cpp {theirs:.1f}; ratio {ours / theirs:.2f} "
+              f"(per pair {min(rounds):.2f}–{max(rounds):.2f})")
+        results["pair"] = [pair]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
