@@ -219,3 +219,19 @@ def test_a_pytorch_module_hook_sends_the_block_to_the_cells(where, calls):
         handle.remove()
     blocks_in_cells = 2 if target is None else 1
     assert calls["cells"] == 3 * blocks_in_cells and fired
+
+
+def test_a_model_that_has_decoded_can_be_copied_and_pickled(monkeypatch, calls):
+    """The prepared C arguments (this process's addresses) are not copied: a deep copy or a pickled
+    model prepares its own, and decodes the same logits in C."""
+    import copy
+    import pickle
+
+    model = make_model("int4", **LLAMA)
+    tokens = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(12))
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    ours, _ = decode_logits(model, tokens, valid)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        theirs, _ = decode_logits(twin, tokens, valid)
+        torch.testing.assert_close(theirs, ours, atol=0, rtol=0)
+    assert calls["cells"] == 0 and calls["c"] == 3 * 3 * 2

@@ -66,6 +66,11 @@ class Block(nn.Module):
         self.c_step_fits = block_step.fits(self)
         self.c_step_prepared: tuple | None = None  # (what it was built from, the C step's arguments)
 
+    def __getstate__(self) -> dict:
+        """Without the C step's prepared arguments (addresses, for this process only): a copy or a
+        pickle prepares its own."""
+        return {**super().__getstate__(), "c_step_prepared": None}
+
     def forward(
         self,
         resid: Tensor,
