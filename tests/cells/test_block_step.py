@@ -235,3 +235,16 @@ def test_a_model_that_has_decoded_can_be_copied_and_pickled(monkeypatch, calls):
         theirs, _ = decode_logits(twin, tokens, valid)
         torch.testing.assert_close(theirs, ours, atol=0, rtol=0)
     assert calls["cells"] == 0 and calls["c"] == 3 * 3 * 2
+
+
+def test_two_threads_decoding_one_model_keep_their_caches_apart():
+    """Each call fills its own copy of the block's prepared arguments, so two generations running at
+    once on one model (a server's requests) give what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make_model("int4", **LLAMA)
+    prompts = [torch.randint(0, 50, (1, 5), generator=torch.Generator().manual_seed(s)) for s in (13, 14)]
+    alone = [model.generate(p, 20) for p in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda p: model.generate(p, 20), prompts * 4))
+    assert all(torch.equal(got, alone[i % 2]) for i, got in enumerate(together))

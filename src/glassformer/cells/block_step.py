@@ -228,9 +228,10 @@ def run(block: Any, resid: Tensor, positions: Tensor, cache: LayerKV) -> Tensor 
     ):
         return None
     kernel = _kernel()
-    step = None if kernel is None else _prepared(block)
-    if step is None:
+    prepared = None if kernel is None else _prepared(block)
+    if prepared is None:
         return None
+    step = _Step.from_buffer_copy(prepared)  # this call's own copy: threads may decode one model at once
     x = resid.contiguous()
     rotary = attn._modules.get("rotary")
     if rotary is not None:
