@@ -37,7 +37,7 @@ def quantize(
     `model`. `embeddings` sets the token embedding's (and unembedding's) scheme: int8 under int4.
 
     Groups of 32 by default, as llama.cpp's Q8_0/Q4_1: on the shipped SmolLM2 one int8 scale per row
-    cost 0.66 % perplexity, one per 32 columns 0.34 % (bench/RESULTS.md, "Low-bit weights")."""
+    cost 0.66 % perplexity, one per 32 columns 0.41 % (bench/RESULTS.md, "Low-bit weights")."""
     if group_size == "row":
         if scheme != "int8":
             raise InputError(f'group_size="row" is int8\'s per-row scale; {scheme} takes a group size')

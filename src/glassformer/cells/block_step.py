@@ -202,7 +202,7 @@ def _watched(block: Any) -> bool:
     """Whether anything would see inside the block: one of its hook points, or a PyTorch module hook
     (`register_forward_hook` and the like, on the block, a cell in it, or every module)."""
     return (
-        any(h._fwd or h._bwd for h in block.hook_points)
+        any(h.active for h in block.hook_points)
         or any(m._forward_hooks or m._forward_pre_hooks for m in block.c_step_modules)
         or bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
     )
